@@ -1,0 +1,1 @@
+"""Library hooks (installed as meshpatch.hooks)."""

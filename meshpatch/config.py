@@ -1,0 +1,118 @@
+"""Settings from the environment, parsed once, with one clear error per bad value.
+
+This module is imported at interpreter start whenever the agent is enabled, so
+it uses only ``os`` (no dataclasses/typing/logging at import time): the start-up
+budget is 15 ms for the whole agent.
+"""
+
+from __future__ import annotations
+
+import os
+
+KNOWN_HOOKS = ("requests", "httpx", "grpc")
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class ConfigError(Exception):
+    """A bad user input: names the variable (or file) and says how to fix it."""
+
+    def __init__(self, variable: str, problem: str, fix: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{variable}: {problem}. Fix: {fix}. meshpatch stays off; the app runs unpatched.")
+
+
+def enabled_in(environ=os.environ) -> bool:
+    """The activation gate shared by the .pth line, sitecustomize and child processes."""
+    return environ.get("MESHPATCH_ENABLED", "").strip().lower() not in _FALSE
+
+
+def _parse_bool(environ, name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(name, f"{raw!r} is not a boolean", f"set {name} to 1 or 0")
+
+
+def _parse_float(environ, name: str, default: float, low: float, high: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip().rstrip("s"))
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} is not a number of seconds", f"set {name} to e.g. 1.5") from None
+    if not (low <= value <= high):
+        raise ConfigError(name, f"{value} is out of range", f"set {name} between {low} and {high} seconds")
+    return value
+
+
+def _parse_hook_list(environ, name: str):
+    raw = environ.get(name)
+    if raw is None:
+        return None
+    items = [part.strip().lower() for part in raw.split(",") if part.strip()]
+    unknown = [item for item in items if item not in KNOWN_HOOKS and item != "*"]
+    if unknown:
+        raise ConfigError(
+            name,
+            f"unknown hook(s) {', '.join(unknown)}",
+            f"use a comma list of {', '.join(KNOWN_HOOKS)} (or *)",
+        )
+    if "*" in items:
+        return set(KNOWN_HOOKS)
+    return set(items)
+
+
+def _parse_host_port(environ, name: str):
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if value.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not (0 < int(port) < 65536):
+        raise ConfigError(name, f"{raw!r} is not host:port", f"set {name} like 127.0.0.1:15010 or unix:///path/XDS")
+    return value
+
+
+class Settings:
+    """Everything the agent reads from the environment."""
+
+    __slots__ = (
+        "hooks",
+        "xds_server",
+        "namespace",
+        "resolve_timeout",
+        "log_level",
+        "bootstrap_path",
+        "bootstrap_inline",
+        "cluster_domain",
+    )
+
+    def __init__(self, environ=os.environ) -> None:
+        selected = _parse_hook_list(environ, "MESHPATCH_HOOKS")
+        disabled = _parse_hook_list(environ, "MESHPATCH_DISABLED_HOOKS") or set()
+        hooks = set(KNOWN_HOOKS) if selected is None else selected
+        self.hooks = frozenset(hooks - disabled)
+        self.xds_server = _parse_host_port(environ, "MESHPATCH_XDS_SERVER")
+        self.namespace = (environ.get("MESHPATCH_NAMESPACE") or environ.get("POD_NAMESPACE") or "default").strip()
+        if not self.namespace or "." in self.namespace or "~" in self.namespace:
+            raise ConfigError("MESHPATCH_NAMESPACE", f"{self.namespace!r} is not a namespace name", "set a Kubernetes namespace such as default")
+        self.cluster_domain = (environ.get("MESHPATCH_CLUSTER_DOMAIN") or "cluster.local").strip().strip(".")
+        self.resolve_timeout = _parse_float(environ, "MESHPATCH_RESOLVE_TIMEOUT", 1.0, 0.0, 60.0)
+        level = (environ.get("MESHPATCH_LOG_LEVEL") or "WARNING").strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError("MESHPATCH_LOG_LEVEL", f"{level!r} is not a log level", "use DEBUG, INFO, WARNING or ERROR")
+        self.log_level = level
+        self.bootstrap_path = (environ.get("GRPC_XDS_BOOTSTRAP") or "").strip() or None
+        self.bootstrap_inline = (environ.get("GRPC_XDS_BOOTSTRAP_CONFIG") or "").strip() or None
