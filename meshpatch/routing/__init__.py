@@ -1,0 +1,1 @@
+"""Routing: per-target config (listener → route → clusters → endpoints) and load balancing."""

@@ -1,0 +1,180 @@
+"""The router: the one call every hook makes, per request.
+
+Hot path: a dict lookup for the target, an attribute read for its immutable
+snapshot, the route loop (first match wins) and the cluster's picker.  No lock
+is taken and nothing waits, except the first calls to a brand-new host, which
+wait (bounded by ``MESHPATCH_RESOLVE_TIMEOUT``) for LDS → RDS → CDS → EDS; if
+that does not finish in time the original call proceeds and later calls never
+wait on the network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from meshpatch.api import NoHealthyUpstream, NoRouteMatched, Pick
+from meshpatch.routing.target import NOT_FOUND, ClusterManager, HostTarget
+
+log = logging.getLogger("meshpatch.routing")
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "grpc": 443, "grpcs": 443}
+MAX_TARGETS = 10_000  # distinct host:port pairs tracked before new ones pass through untouched
+
+
+class _PassThrough:
+    """Cached answer for names that are never mesh names (IP literals, localhost)."""
+
+    snapshot = NOT_FOUND
+
+
+PASS_THROUGH = _PassThrough()
+
+
+def _never_mesh(host: str) -> bool:
+    if not host or host == "localhost" or host.endswith(".localhost"):
+        return True
+    if host[0].isdigit() or ":" in host or host.startswith("["):
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+class _RequestHeaders:
+    """Header lookup for matchers, adding HTTP pseudo-headers; built only when a
+    route actually has header matchers."""
+
+    __slots__ = ("_headers", "_pseudo", "_grpc")
+
+    def __init__(self, headers: Any, scheme: str, method: str, path: str, authority: str) -> None:
+        self._headers = headers
+        self._grpc = scheme == "grpc"
+        self._pseudo = {":method": method, ":path": path, ":authority": authority, ":scheme": scheme}
+
+    def get(self, name: str) -> Optional[str]:
+        if self._grpc:
+            # gRPC (A28): pseudo-headers are not visible and binary headers never match.
+            if name.startswith(":") or name.endswith("-bin"):
+                return None
+        elif name.startswith(":"):
+            return self._pseudo.get(name)
+        headers = self._headers
+        if headers is None:
+            return None
+        value = headers.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            return value.decode("latin-1")
+        return value if isinstance(value, str) else str(value)
+
+
+class Router:
+    def __init__(self, client: Any, resolve_timeout: float, ensure_started: Callable[[], None]) -> None:
+        self._client = client
+        self._timeout = resolve_timeout
+        self._ensure_started = ensure_started
+        self._targets: Dict[Tuple[str, int], Any] = {}
+        self._create_lock = threading.Lock()
+        self.clusters = ClusterManager(client)
+        self.started = False
+
+    # -- public API ---------------------------------------------------------
+
+    def pick(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Pick]:
+        if port is None:
+            port = DEFAULT_PORTS.get(scheme, 80)
+        target = self._targets.get((host, port))
+        if target is None:
+            target = self._create(host, port)
+        snapshot = target.snapshot
+        if snapshot is None:
+            if not self._await(target):
+                return None
+            snapshot = target.snapshot
+        if snapshot is NOT_FOUND or snapshot is None:
+            return None
+        if "?" in path:
+            path = path.split("?", 1)[0]
+        lookup = None
+        for route in snapshot.routes:
+            if not route.path.matches(path):
+                continue
+            if route.headers:
+                if lookup is None:
+                    lookup = _RequestHeaders(headers, scheme, method, path, target.authority)
+                if not all(m.matches(lookup.get(m.name)) for m in route.headers):
+                    continue
+            if route.fraction is not None and random.random() >= route.fraction:
+                continue
+            chooser = route.chooser
+            if chooser is None:  # non-forwarding action: not a client route
+                raise NoRouteMatched(host, port, path)
+            handle = chooser.choose()
+            endpoint = handle.picker.pick()
+            if endpoint is None:
+                raise NoHealthyUpstream(host, port, handle.name, getattr(handle.picker, "reason", ""))
+            return Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, target.authority, route.name)
+        raise NoRouteMatched(host, port, path)
+
+    def prefetch(self, host: str, port: Optional[int], scheme: str = "http") -> None:
+        """Start resolving a host without waiting (gRPC channel creation)."""
+        if port is None:
+            port = DEFAULT_PORTS.get(scheme, 80)
+        if (host, port) not in self._targets:
+            self._create(host, port)
+
+    def targets(self) -> Dict[str, Any]:
+        return {f"{h}:{p}": t for (h, p), t in list(self._targets.items()) if t is not PASS_THROUGH}
+
+    # -- internals ----------------------------------------------------------
+
+    def _create(self, host: str, port: int) -> Any:
+        key = (host, port)
+        with self._create_lock:
+            target = self._targets.get(key)
+            if target is not None:
+                return target
+            lowered = host.lower()
+            if _never_mesh(lowered) or len(self._targets) >= MAX_TARGETS:
+                self._targets[key] = PASS_THROUGH
+                return PASS_THROUGH
+            if lowered != host:
+                target = self._targets.get((lowered, port))
+                if target is None:
+                    target = self._create_unlocked(lowered, port)
+                self._targets[key] = target
+                return target
+            return self._create_unlocked(host, port)
+
+    def _create_unlocked(self, host: str, port: int) -> HostTarget:
+        self._ensure_started()
+        target = HostTarget(host, port, self._client, self.clusters, self._timeout)
+        self._targets[(host, port)] = target
+        with self._client.lock:
+            target.start()
+        return target
+
+    def _await(self, target: Any) -> bool:
+        """Bounded wait for a new target; never waits once its deadline passed or
+        while the control plane is known to be unreachable."""
+        ready = target.ready
+        if ready.is_set():
+            return True
+        now = time.monotonic()
+        deadline = target.deadline
+        client = self._client
+        while now < deadline:
+            if client.failing:
+                return False
+            if ready.wait(min(deadline - now, 0.05)):
+                return True
+            now = time.monotonic()
+        return False

@@ -1,0 +1,295 @@
+"""Per-target config: follows listener → route config → clusters → endpoints.
+
+One :class:`HostTarget` per ``host:port`` the app calls (the LDS name, as gRPC
+requests it), one shared :class:`ClusterHandle` per cluster.  They are xDS
+watchers, so they run under the xDS client's lock; what they publish for the
+request path is immutable: a :class:`TargetSnapshot` (routes with their
+cluster choosers) and per-cluster pickers, swapped by plain attribute
+assignment.  A new snapshot is published only once every cluster it names has
+resolved ("make before break"), so an update never sends traffic into a cluster
+whose endpoints are still unknown.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from meshpatch.routing.domains import select_virtual_host
+from meshpatch.routing.lb import EmptyPicker, Picker, build_picker
+from meshpatch.routing.model import ClusterConfig, EndpointsConfig, ListenerConfig, Route, RouteConfig
+from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS
+
+log = logging.getLogger("meshpatch.routing")
+
+PENDING = "pending"
+RESOLVED = "resolved"
+MISSING = "missing"
+
+
+class ClusterHandle:
+    """A cluster's config and endpoint picker, shared by every target that routes to it."""
+
+    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "__weakref__")
+
+    def __init__(self, name: str, client: Any) -> None:
+        self.name = name
+        self.config: Optional[ClusterConfig] = None
+        self.picker: Picker = EmptyPicker("cluster not received yet")
+        self.state = PENDING
+        self.eds_name: Optional[str] = None
+        self.users: List["HostTarget"] = []
+        self._client = client
+
+    # xDS watcher protocol
+    def on_resource(self, type_url: str, name: str, value: Any) -> None:
+        if type_url == CDS:
+            self.config = value
+            if value.eds_service_name != self.eds_name:
+                if self.eds_name is not None:
+                    self._client.cancel_watch(EDS, self.eds_name, self)
+                self.eds_name = value.eds_service_name
+                self._client.watch(EDS, self.eds_name, self)
+        elif type_url == EDS and name == self.eds_name:
+            self._set_endpoints(value)
+
+    def on_does_not_exist(self, type_url: str, name: str) -> None:
+        if type_url == CDS:
+            self.config = None
+            if self.eds_name is not None:
+                self._client.cancel_watch(EDS, self.eds_name, self)
+                self.eds_name = None
+            self.picker = EmptyPicker("cluster does not exist")
+            self.state = MISSING
+            self._changed()
+
+    def on_error(self, type_url: str, name: str, reason: str) -> None:
+        # Last good config stays in force; a cluster that never had a good
+        # version is unusable (what gRPC does for a NACKed, never-ACKed cluster).
+        if type_url == CDS and self.config is None:
+            self.picker = EmptyPicker(f"cluster rejected: {reason}")
+            self.state = MISSING
+            self._changed()
+
+    def _set_endpoints(self, endpoints: EndpointsConfig) -> None:
+        self.picker = build_picker(endpoints)
+        self.state = RESOLVED
+        self._changed()
+
+    def _changed(self) -> None:
+        for target in list(self.users):
+            target.clusters_changed()
+
+    def release(self) -> None:
+        if self.eds_name is not None:
+            self._client.cancel_watch(EDS, self.eds_name, self)
+            self.eds_name = None
+        self._client.cancel_watch(CDS, self.name, self)
+
+
+class ClusterManager:
+    """Reference-counted cluster handles; lives under the xDS client lock."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._handles: Dict[str, ClusterHandle] = {}
+
+    def acquire(self, name: str, user: "HostTarget") -> ClusterHandle:
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = ClusterHandle(name, self._client)
+            handle.users.append(user)
+            self._client.watch(CDS, name, handle)
+        else:
+            handle.users.append(user)
+        return handle
+
+    def release(self, name: str, user: "HostTarget") -> None:
+        handle = self._handles.get(name)
+        if handle is None:
+            return
+        if user in handle.users:
+            handle.users.remove(user)
+        if not handle.users:
+            del self._handles[name]
+            handle.release()
+
+    def get(self, name: str) -> Optional[ClusterHandle]:
+        return self._handles.get(name)
+
+    def names(self) -> List[str]:
+        return sorted(self._handles)
+
+
+class ClusterChooser:
+    """Picks the cluster for a matched route: fixed, or weighted (random, like
+    gRPC's weighted_target over the route's weighted_clusters)."""
+
+    __slots__ = ("_handles", "_cumulative", "_total", "single")
+
+    def __init__(self, weighted: List[Tuple[int, ClusterHandle]]) -> None:
+        self._handles = tuple(h for _, h in weighted)
+        cumulative = []
+        running = 0
+        for weight, _ in weighted:
+            running += weight
+            cumulative.append(running)
+        self._cumulative = cumulative
+        self._total = running
+        self.single = self._handles[0] if len(self._handles) == 1 else None
+
+    def choose(self) -> ClusterHandle:
+        if self.single is not None:
+            return self.single
+        return self._handles[bisect.bisect_right(self._cumulative, random.random() * self._total)]
+
+
+class CompiledRoute:
+    __slots__ = ("name", "path", "headers", "fraction", "chooser", "action")
+
+    def __init__(self, route: Route, chooser: Optional[ClusterChooser]) -> None:
+        self.name = route.name
+        self.path = route.match.path
+        self.headers = route.match.headers
+        self.fraction = route.match.fraction
+        self.chooser = chooser
+        self.action = route.action
+
+
+class TargetSnapshot:
+    """What the request path reads for one target; never mutated once published."""
+
+    __slots__ = ("routes", "vhost", "route_config")
+
+    def __init__(self, routes: Tuple[CompiledRoute, ...], vhost: str, route_config: str) -> None:
+        self.routes = routes
+        self.vhost = vhost
+        self.route_config = route_config
+
+
+NOT_FOUND = TargetSnapshot((), "", "")  # the control plane does not know this host
+
+
+class HostTarget:
+    """Resolution state of one ``host:port``; an xDS watcher for LDS and RDS."""
+
+    def __init__(self, host: str, port: int, client: Any, clusters: ClusterManager, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.authority = f"{host}:{port}"
+        self.lds_name = self.authority
+        self.snapshot: Optional[TargetSnapshot] = None
+        self.ready = threading.Event()
+        self.deadline = time.monotonic() + timeout
+        self._client = client
+        self._clusters = clusters
+        self._rds_name: Optional[str] = None
+        self._route_config: Optional[RouteConfig] = None
+        self._cluster_names: List[str] = []
+        self._pending_routes: Optional[Tuple[Route, ...]] = None
+        self._pending_vhost = ""
+        self.listener: Optional[ListenerConfig] = None
+
+    def start(self) -> None:
+        self._client.watch(LDS, self.lds_name, self)
+
+    # xDS watcher protocol
+    def on_resource(self, type_url: str, name: str, value: Any) -> None:
+        if type_url == LDS:
+            self.listener = value
+            if value.rds_name is not None:
+                if value.rds_name != self._rds_name:
+                    old = self._rds_name
+                    self._rds_name = value.rds_name
+                    self._client.watch(RDS, value.rds_name, self)
+                    if old is not None:
+                        self._client.cancel_watch(RDS, old, self)
+            else:
+                self._drop_rds()
+                self._set_route_config(value.inline_routes)
+        elif type_url == RDS and name == self._rds_name:
+            self._set_route_config(value)
+
+    def on_does_not_exist(self, type_url: str, name: str) -> None:
+        if type_url == LDS:
+            self.listener = None
+            self._drop_rds()
+            self._route_config = None
+            self._set_clusters([])
+            self._pending_routes = None
+            self.snapshot = NOT_FOUND
+            self.ready.set()
+
+    def on_error(self, type_url: str, name: str, reason: str) -> None:
+        # A listener that was never good: the host is effectively unknown to us;
+        # the app's calls go out untouched rather than wait.
+        if type_url == LDS and self.listener is None and self.snapshot is None:
+            self.snapshot = NOT_FOUND
+            self.ready.set()
+
+    def _drop_rds(self) -> None:
+        if self._rds_name is not None:
+            self._client.cancel_watch(RDS, self._rds_name, self)
+            self._rds_name = None
+
+    def _set_route_config(self, config: Optional[RouteConfig]) -> None:
+        self._route_config = config
+        vhost = select_virtual_host(config.virtual_hosts, self.host, self.port) if config else None
+        routes: Tuple[Route, ...] = vhost.routes if vhost is not None else ()
+        names: List[str] = []
+        for route in routes:
+            action = route.action
+            if action.kind == "cluster":
+                names.append(action.cluster)
+            elif action.kind == "weighted":
+                names.extend(w.name for w in action.weighted)
+        self._set_clusters(list(dict.fromkeys(names)))
+        self._pending_routes = routes
+        self._pending_vhost = vhost.name if vhost is not None else ""
+        self.clusters_changed()
+
+    def _set_clusters(self, names: List[str]) -> None:
+        old = set(self._cluster_names)
+        new = set(names)
+        for name in names:
+            if name not in old:
+                self._clusters.acquire(name, self)
+        for name in self._cluster_names:
+            if name not in new:
+                self._clusters.release(name, self)
+        self._cluster_names = names
+
+    def clusters_changed(self) -> None:
+        """Publish the pending routes once every cluster they use has resolved."""
+        routes = self._pending_routes
+        if routes is None:
+            return
+        handles = {}
+        for name in self._cluster_names:
+            handle = self._clusters.get(name)
+            if handle is None or handle.state == PENDING:
+                return
+            handles[name] = handle
+        compiled = []
+        for route in routes:
+            action = route.action
+            chooser = None
+            if action.kind == "cluster":
+                chooser = ClusterChooser([(1, handles[action.cluster])])
+            elif action.kind == "weighted":
+                chooser = ClusterChooser([(w.weight, handles[w.name]) for w in action.weighted])
+            compiled.append(CompiledRoute(route, chooser))
+        config_name = self._route_config.name if self._route_config else ""
+        self.snapshot = TargetSnapshot(tuple(compiled), self._pending_vhost, config_name)
+        if not self.ready.is_set():
+            log.info("meshpatch: %s resolved through xDS (%d routes)", self.authority, len(compiled))
+        self.ready.set()
+
+    def close(self) -> None:
+        self._client.cancel_watch(LDS, self.lds_name, self)
+        self._drop_rds()
+        self._set_clusters([])

@@ -1,0 +1,1 @@
+"""The xDS client: bootstrap → transport → resource cache and watchers."""

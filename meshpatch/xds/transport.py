@@ -1,0 +1,185 @@
+"""One SotW ADS stream to the xDS server, kept alive in a daemon thread.
+
+The transport knows nothing about resources: it opens the stream, hands every
+``DiscoveryResponse`` to the client, and reconnects with exponential backoff
+and jitter (gRPC's connection backoff: 1 s, x1.6, jitter 0.2, cap 120 s).  A
+stream that ends after delivering a response is a normal end (istio-agent
+closes an older stream with status OK when a newer one registers) and is
+re-opened at once.  The interface (``start``/``send``/``stop`` plus three
+callbacks) is what a pod-local relay transport will implement later so that
+several worker processes share one upstream stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from typing import Any, Callable, List, Optional
+
+from meshpatch.bootstrap import XdsServer
+from meshpatch.internal import suppress_current_context
+
+log = logging.getLogger("meshpatch.xds")
+
+CONNECTING = "CONNECTING"  # no attempt has finished yet
+READY = "READY"  # the current stream has delivered a response
+BACKOFF = "BACKOFF"  # the last attempt failed; waiting to retry
+STOPPED = "STOPPED"
+
+_CLOSE = object()
+# Channels abandoned by a fork are kept referenced: letting the child garbage
+# collect a channel created in the parent would call into gRPC's parent state.
+_ABANDONED: List[Any] = []
+
+
+class Backoff:
+    def __init__(self, initial: float = 1.0, multiplier: float = 1.6, jitter: float = 0.2, maximum: float = 120.0) -> None:
+        self.initial = initial
+        self.multiplier = multiplier
+        self.jitter = jitter
+        self.maximum = maximum
+        self._current = initial
+
+    def reset(self) -> None:
+        self._current = self.initial
+
+    def next(self) -> float:
+        delay = self._current * (1 + random.uniform(-self.jitter, self.jitter))
+        self._current = min(self._current * self.multiplier, self.maximum)
+        return delay
+
+
+class GrpcAdsTransport:
+    def __init__(
+        self,
+        server: XdsServer,
+        on_stream_start: Callable[[], None],
+        on_response: Callable[[Any], None],
+        on_stream_end: Callable[[str, bool], None],
+        backoff: Optional[Backoff] = None,
+    ) -> None:
+        self.server = server
+        self._on_stream_start = on_stream_start
+        self._on_response = on_response
+        self._on_stream_end = on_stream_end
+        self._backoff = backoff or Backoff()
+        self._queue: Optional[queue.SimpleQueue] = None
+        self._call: Any = None
+        self._channel: Any = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.state = CONNECTING
+        self.streams_opened = 0
+        self.last_error = ""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="meshpatch-xds", daemon=True)
+        self._thread.start()
+
+    def send(self, request: Any) -> bool:
+        """Queue a request on the current stream; False when no stream is open
+        (the client re-sends its whole state when the next stream starts)."""
+        q = self._queue
+        if q is None:
+            return False
+        q.put(request)
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.state = STOPPED
+        call = self._call
+        if call is not None:
+            try:
+                call.cancel()
+            except Exception:  # pragma: no cover - best effort on shutdown
+                pass
+        q = self._queue
+        if q is not None:
+            q.put(_CLOSE)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: never touch the parent's channel or thread again."""
+        if self._channel is not None:
+            _ABANDONED.append(self._channel)
+        self._channel = None
+        self._call = None
+        self._queue = None
+        self._stop.set()
+        self.state = STOPPED
+
+    # -- the stream thread -------------------------------------------------
+
+    def _make_channel(self, grpc: Any) -> Any:
+        options = [("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)]
+        if self.server.creds_type == "tls":
+            cfg = self.server.creds_config
+
+            def read(key: str) -> Optional[bytes]:
+                path = cfg.get(key)
+                if not path:
+                    return None
+                with open(path, "rb") as fh:
+                    return fh.read()
+
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=read("ca_certificate_file"),
+                private_key=read("private_key_file"),
+                certificate_chain=read("certificate_file"),
+            )
+            return grpc.secure_channel(self.server.target, creds, options=options)
+        return grpc.insecure_channel(self.server.target, options=options)
+
+    def _run(self) -> None:
+        suppress_current_context()
+        import grpc
+        from envoy.service.discovery.v3 import ads_pb2_grpc
+
+        while not self._stop.is_set():
+            had_response = False
+            error = ""
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            try:
+                self._channel = self._make_channel(grpc)
+                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
+                self._call = stub.StreamAggregatedResources(iter(q.get, _CLOSE))
+                self._queue = q
+                self.streams_opened += 1
+                self._on_stream_start()
+                for response in self._call:
+                    if not had_response:
+                        had_response = True
+                        self.state = READY
+                        self._backoff.reset()
+                    self._on_response(response)
+                error = "stream closed by the server with status OK"
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                error = f"{getattr(code, 'name', code)}: {exc.details() if hasattr(exc, 'details') else exc}"
+            except Exception as exc:  # never let the thread die silently
+                error = f"internal error: {exc!r}"
+                log.warning("meshpatch xDS stream failed with an internal error", exc_info=True)
+            finally:
+                self._queue = None
+                q.put(_CLOSE)
+                self._call = None
+                channel, self._channel = self._channel, None
+                if channel is not None:
+                    try:
+                        channel.close()
+                    except Exception:  # pragma: no cover
+                        pass
+            if self._stop.is_set():
+                break
+            self.last_error = error
+            self.state = BACKOFF if not had_response else CONNECTING
+            try:
+                self._on_stream_end(error, had_response)
+            except Exception:  # pragma: no cover - the client must not kill the loop
+                log.warning("meshpatch xDS client failed handling a stream end", exc_info=True)
+            delay = random.uniform(0.0, 0.05) if had_response else self._backoff.next()
+            self._stop.wait(delay)
