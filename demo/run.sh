@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The demo: sets up the venv (as tests/run.sh does), then runs demo/demo.py
+# inside a loopback-only network namespace, because the client calls mesh
+# names (reviews.default.svc.cluster.local) that must never reach real DNS.
+#
+#   bash demo/run.sh [--calls N] [--tolerance POINTS]
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/../tests/_venv.sh"
+cd "$REPO_ROOT"
+mp_ensure_venv
+
+# demo.py stops its own processes (and they die with it); the trap covers an
+# interrupt that arrives while it is still starting.
+demo_pid=""
+cleanup() { [ -n "$demo_pid" ] && kill "$demo_pid" 2>/dev/null; wait 2>/dev/null || true; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mp_in_netns "$VENV_BIN/python" demo/demo.py "$@" &
+demo_pid=$!
+set +e
+wait "$demo_pid"
+rc=$?
+set -e
+demo_pid=""
+exit "$rc"

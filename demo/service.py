@@ -1,0 +1,88 @@
+"""One version of the demo's `reviews` service: what a pod would run.
+
+It serves HTTP on one port and gRPC on another of its own loopback address
+(127.0.0.2 plays pod v1, 127.0.0.3 pod v2) and answers every call with its
+version, so the client can count where the mesh sent each request.  gRPC uses
+a generic handler with raw bytes, so there is no generated code to keep.
+
+    python demo/service.py --version v1 --address 127.0.0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+
+GRPC_METHOD = "/demo.Reviews/GetVersion"
+
+
+def make_http_handler(version: str, address: str) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, so pooled clients reuse connections
+
+        def do_GET(self) -> None:
+            body = json.dumps({"version": version, "pod": address, "path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass  # thousands of calls; the client prints the summary
+
+    return Handler
+
+
+def make_grpc_server(version: str, address: str, port: int) -> grpc.Server:
+    reply = version.encode()
+
+    def get_version(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return reply
+
+    handler = grpc.method_handlers_generic_handler(
+        "demo.Reviews",
+        {"GetVersion": grpc.unary_unary_rpc_method_handler(get_version)},
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler])
+    if server.add_insecure_port(f"{address}:{port}") != port:
+        raise SystemExit(f"service {version}: cannot bind gRPC {address}:{port}")
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", required=True, help="reply with this version, e.g. v1")
+    parser.add_argument("--address", required=True, help="loopback address playing the pod IP, e.g. 127.0.0.2")
+    parser.add_argument("--http-port", type=int, default=9080)
+    parser.add_argument("--grpc-port", type=int, default=7070)
+    args = parser.parse_args(argv)
+
+    try:
+        http_server = ThreadingHTTPServer((args.address, args.http_port), make_http_handler(args.version, args.address))
+    except OSError as exc:
+        raise SystemExit(f"service {args.version}: cannot bind HTTP {args.address}:{args.http_port}: {exc}") from None
+    http_server.daemon_threads = True
+    grpc_server = make_grpc_server(args.version, args.address, args.grpc_port)
+    grpc_server.start()
+    threading.Thread(target=http_server.serve_forever, name="http", daemon=True).start()
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"service {args.version} ready: http {args.address}:{args.http_port} grpc {args.address}:{args.grpc_port}", flush=True)
+    stop.wait()
+    http_server.shutdown()
+    grpc_server.stop(grace=0.5).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

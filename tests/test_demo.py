@@ -1,0 +1,137 @@
+"""The demo is the end-to-end proof: a real control plane, real servers on
+127.0.0.2/3, and an unmodified client under meshpatch-run, with a live
+routing change.  The smaller tests pin the demo's own pieces so a broken demo
+points at the right part."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import pytest
+import requests
+import yaml
+
+TOLERANCE = 8.0
+
+
+def load(repo_root: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"demo_{name}", repo_root / "demo" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def mesh_docs(repo_root: Path) -> dict[str, dict]:
+    docs = {}
+    for path in sorted((repo_root / "demo" / "mesh").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_mesh_config_is_a_20_80_canary_over_both_ports(repo_root: Path) -> None:
+    docs = mesh_docs(repo_root)
+    assert set(docs) == {"ServiceEntry", "DestinationRule", "VirtualService"}
+    se, dr, vs = docs["ServiceEntry"]["spec"], docs["DestinationRule"]["spec"], docs["VirtualService"]["spec"]
+    host = "reviews.default.svc.cluster.local"
+    assert se["hosts"] == [host] and se["resolution"] == "STATIC"
+    assert {(p["number"], p["protocol"]) for p in se["ports"]} == {(9080, "HTTP"), (7070, "GRPC")}
+    by_version = {ep["labels"]["version"]: ep["address"] for ep in se["endpoints"]}
+    assert by_version == {"v1": "127.0.0.2", "v2": "127.0.0.3"}
+    assert dr["host"] == host
+    assert {s["name"]: s["labels"] for s in dr["subsets"]} == {"v1": {"version": "v1"}, "v2": {"version": "v2"}}
+    assert vs["hosts"] == [host]
+    (route,) = vs["http"]
+    assert "match" not in route  # one route for every port
+    assert [(d["destination"]["subset"], d["weight"]) for d in route["route"]] == [("v1", 20), ("v2", 80)]
+
+
+def test_live_edit_rewrites_only_the_weights(repo_root: Path, tmp_path: Path) -> None:
+    demo = load(repo_root, "demo")
+    original = (repo_root / "demo" / "mesh" / demo.VIRTUAL_SERVICE).read_text()
+    path = tmp_path / demo.VIRTUAL_SERVICE
+    path.write_text(original)
+    demo.rewrite_weights(path, [80, 20])
+    edited = yaml.safe_load(path.read_text())
+    expected = yaml.safe_load(original)
+    expected["spec"]["http"][0]["route"][0]["weight"] = 80
+    expected["spec"]["http"][0]["route"][1]["weight"] = 20
+    assert edited == expected
+    with pytest.raises(demo.DemoFailed):
+        demo.rewrite_weights(path, [100])
+
+
+def test_client_report_lines_parse_back(repo_root: Path) -> None:
+    demo, client = load(repo_root, "demo"), load(repo_root, "client")
+    seen = client.collections.Counter({"v1": 99, "v2": 396, "error": 5})
+    line = client.split_line("httpx", seen, 500, "ConnectError: boom")
+    match = demo.SPLIT_LINE.match("  " + line)
+    assert match and match["lib"] == "httpx"
+    assert (float(match["v1"]), float(match["v2"])) == (19.8, 79.2)
+    assert demo.check({"requests": (19.8, 80.2, ""), "httpx": (19.8, 79.2, match["rest"].strip()),
+                       "grpc": (30.0, 70.0, "")}, (20, 80), TOLERANCE) == [
+        f"httpx: {match['rest'].strip()}",
+        "grpc: v1 30.0% v2 70.0%, expected 20/80 ±8",
+    ]
+
+
+def test_service_answers_http_and_grpc_with_its_version(repo_root: Path, free_port) -> None:
+    http_port, grpc_port = free_port("127.0.0.3"), free_port("127.0.0.3")
+    proc = subprocess.Popen(
+        [sys.executable, str(repo_root / "demo" / "service.py"), "--version", "v7", "--address", "127.0.0.3",
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None and "ready" in proc.stdout.readline()
+        reply = requests.get(f"http://127.0.0.3:{http_port}/reviews/1", timeout=5).json()
+        assert reply == {"version": "v7", "pod": "127.0.0.3", "path": "/reviews/1"}
+        with grpc.insecure_channel(f"127.0.0.3:{grpc_port}") as channel:
+            assert channel.unary_unary("/demo.Reviews/GetVersion")(b"", timeout=5) == b"v7"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+
+
+ROUND = re.compile(r"^\s+round (\d):$")
+SPLIT = re.compile(r"^\s+(requests|httpx|grpc)\s+v1\s+([\d.]+)%\s+v2\s+([\d.]+)%\s+\((\d+) calls\)(.*)$")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_demo_end_to_end(repo_root: Path, venv_bin: Path) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(venv_bin / "python"), str(repo_root / "demo" / "demo.py"), "--bin", str(venv_bin)],
+        cwd=repo_root, capture_output=True, text=True, timeout=80,
+    )
+    elapsed = time.monotonic() - started
+    report = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, report
+
+    splits: dict[int, dict[str, tuple[float, float, int, str]]] = {}
+    current = 0
+    for line in result.stdout.splitlines():
+        if m := ROUND.match(line):
+            current = int(m[1])
+        elif (m := SPLIT.match(line)) and current:
+            splits.setdefault(current, {})[m[1]] = (float(m[2]), float(m[3]), int(m[4]), m[5].strip())
+    assert set(splits) == {1, 2}, report
+    for round_no, want in ((1, (20, 80)), (2, (80, 20))):
+        assert set(splits[round_no]) == {"requests", "httpx", "grpc"}, report
+        for lib, (v1, v2, calls, rest) in splits[round_no].items():
+            assert calls >= 200, report
+            assert rest == "", f"round {round_no} {lib}: {rest}"  # no failed calls
+            assert abs(v1 - want[0]) <= TOLERANCE and abs(v2 - want[1]) <= TOLERANCE, (round_no, lib, v1, v2)
+            assert v1 + v2 == pytest.approx(100.0, abs=0.2)
+    assert "demo OK" in result.stdout
+    assert elapsed < 60, f"demo took {elapsed:.1f} s (budget 60 s)"
