@@ -146,3 +146,30 @@ def test_zero_weight_locality_is_skipped_when_others_weighted() -> None:
     b = LocalityEndpoints("r/b/", 5, 0, (_ep("b"),))
     picker = build_picker(EndpointsConfig("c", (a, b)))
     assert {picker.pick().address for _ in range(50)} == {"b"}  # type: ignore[union-attr]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from meshpatch.routing.model import Route, RouteAction, RouteMatch  # noqa: E402
+from meshpatch.routing.target import CompiledRoute, RouteTable  # noqa: E402
+
+_segments = st.sampled_from(["", "/", "/a", "/a/", "/ab", "/a/b", "/A", "/b", "/a/b/c"])
+_matchers = st.one_of(
+    st.builds(lambda v, c: PathMatcher("prefix", v, c), _segments, st.booleans()),
+    st.builds(lambda v, c: PathMatcher("path", v or "/", c), _segments, st.booleans()),
+    st.builds(lambda v: PathMatcher("regex", v), st.sampled_from(["/a.*", "/[ab]/.*", ".*c", "/A/?b?"])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_matchers, min_size=0, max_size=30), st.lists(_segments, min_size=1, max_size=5))
+def test_route_index_equals_linear_scan(matchers: list, paths: list) -> None:
+    routes = tuple(
+        CompiledRoute(Route(str(i), RouteMatch(m), RouteAction("cluster", cluster="c")), None)
+        for i, m in enumerate(matchers)
+    )
+    table = RouteTable(routes)
+    table.indexed = True  # force the index even for small tables
+    for path in paths + ["/a/b/c/d", "/zzz"]:
+        expected = [r.name for r in routes if r.path.matches(path)]
+        assert [r.name for r in table.candidates(path)] == expected

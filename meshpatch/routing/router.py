@@ -104,8 +104,10 @@ class Router:
         if "?" in path:
             path = path.split("?", 1)[0]
         lookup = None
-        for route in snapshot.routes:
-            if not route.path.matches(path):
+        table = snapshot.table
+        indexed = table.indexed
+        for route in table.candidates(path) if indexed else snapshot.routes:
+            if not indexed and not route.path.matches(path):
                 continue
             if route.headers:
                 if lookup is None:

@@ -160,13 +160,69 @@ class CompiledRoute:
         self.action = route.action
 
 
+class RouteTable:
+    """Routes in order with an index on their path matchers.
+
+    First match wins, so the router must see candidates in route order.  Small
+    tables are scanned linearly; larger ones look up case-sensitive prefixes by
+    length (a few dict probes for any number of prefix routes) and exact paths
+    by value, and only evaluate regex / case-insensitive matchers.  The result
+    is the same ordered list of path-matching routes a full scan would give.
+    """
+
+    LINEAR_MAX = 8
+
+    __slots__ = ("routes", "indexed", "_by_prefix", "_by_exact", "_generic", "_lengths")
+
+    def __init__(self, routes: Tuple[CompiledRoute, ...]) -> None:
+        self.routes = routes
+        self.indexed = len(routes) > self.LINEAR_MAX
+        self._by_prefix: Dict[str, List[int]] = {}
+        self._by_exact: Dict[str, List[int]] = {}
+        self._generic: List[int] = []
+        for index, route in enumerate(routes):
+            matcher = route.path
+            if matcher.kind == "prefix" and matcher.case_sensitive:
+                self._by_prefix.setdefault(matcher.value, []).append(index)
+            elif matcher.kind == "path" and matcher.case_sensitive:
+                self._by_exact.setdefault(matcher.value, []).append(index)
+            else:
+                self._generic.append(index)
+        self._lengths = sorted({len(p) for p in self._by_prefix})
+
+    def candidates(self, path: str) -> Any:
+        """Routes whose path matcher accepts ``path``, in route order."""
+        routes = self.routes
+        if not self.indexed:
+            return [r for r in routes if r.path.matches(path)]
+        found: List[int] = []
+        get = self._by_prefix.get
+        size = len(path)
+        for length in self._lengths:
+            if length > size:
+                break
+            hit = get(path[:length])
+            if hit:
+                found.extend(hit)
+        hit = self._by_exact.get(path)
+        if hit:
+            found.extend(hit)
+        for index in self._generic:
+            if routes[index].path.matches(path):
+                found.append(index)
+        if len(found) > 1:
+            found.sort()
+        return [routes[i] for i in found]
+
+
 class TargetSnapshot:
     """What the request path reads for one target; never mutated once published."""
 
-    __slots__ = ("routes", "vhost", "route_config")
+    __slots__ = ("routes", "table", "vhost", "route_config")
 
     def __init__(self, routes: Tuple[CompiledRoute, ...], vhost: str, route_config: str) -> None:
         self.routes = routes
+        self.table = RouteTable(routes)
         self.vhost = vhost
         self.route_config = route_config
 
