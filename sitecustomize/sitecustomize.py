@@ -1,0 +1,71 @@
+"""meshpatch's process-start hook, placed first on PYTHONPATH by ``meshpatch-run``.
+
+Only one ``sitecustomize`` can win the import, so after activating meshpatch
+this module steps aside and imports the user's own ``sitecustomize`` (if any),
+the way ddtrace does: drop our directory from ``sys.path``, pop ourselves from
+``sys.modules``, import again, put ourselves back if there was none, and
+re-insert the directory so child processes and introspection still see it.
+
+Everything is inside ``try``/``except``: a broken agent must never stop the
+interpreter from starting.
+"""
+
+try:
+    import os
+    import sys
+
+    try:
+        from meshpatch.activation import activate_from_sitecustomize
+
+        activate_from_sitecustomize()
+    except Exception:
+        # meshpatch not importable here (a foreign interpreter launched by the
+        # command) or broken: run the app unpatched.
+        pass
+
+    def _chain_user_sitecustomize() -> None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        real_here = os.path.realpath(here)
+        removed = []
+        for index in range(len(sys.path) - 1, -1, -1):
+            entry = sys.path[index]
+            try:
+                absolute = os.path.abspath(entry or os.curdir)
+            except Exception:
+                continue
+            if absolute == here or os.path.realpath(absolute) == real_here:
+                removed.append((index, entry))
+                del sys.path[index]
+        ours = sys.modules.pop("sitecustomize", None)
+        try:
+            import sitecustomize  # (the user's one, if any)
+
+            if getattr(sitecustomize, "__file__", None) is None and ours is not None:
+                # Only a namespace package (a stray "sitecustomize/" directory on
+                # sys.path, e.g. a source checkout): no user code to run.
+                sys.modules["sitecustomize"] = ours
+        except ImportError as exc:
+            if ours is not None:
+                sys.modules["sitecustomize"] = ours
+            if exc.name != "sitecustomize":
+                # The user's sitecustomize exists but failed: report it the way
+                # site.execsitecustomize would have.
+                sys.stderr.write(
+                    "Error in sitecustomize; set PYTHONVERBOSE for traceback:\n"
+                    f"{type(exc).__name__}: {exc}\n"
+                )
+        except Exception as exc:
+            if ours is not None:
+                sys.modules["sitecustomize"] = ours
+            sys.stderr.write(
+                "Error in sitecustomize; set PYTHONVERBOSE for traceback:\n"
+                f"{type(exc).__name__}: {exc}\n"
+            )
+        finally:
+            for index, entry in reversed(removed):
+                sys.path.insert(index, entry)
+
+    _chain_user_sitecustomize()
+    del _chain_user_sitecustomize
+except Exception:
+    pass
