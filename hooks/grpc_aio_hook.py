@@ -1,0 +1,306 @@
+"""grpc.aio: the asyncio twin of :mod:`meshpatch.hooks.grpc_hook`.
+
+``grpc.aio.insecure_channel``/``secure_channel`` return a :class:`MeshAioChannel`
+(a real ``grpc.aio.Channel``) for mesh-able targets; each call picks an endpoint
+and is handed to a real aio sub-channel for it (app options, credentials,
+compression and interceptors kept, plus the logical ``:authority``/TLS name).
+
+Known limit: the router's first call for a brand-new host may wait up to
+``MESHPATCH_RESOLVE_TIMEOUT`` and that wait blocks the event loop; the
+``prefetch`` at channel creation usually finishes resolution before the first
+call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import grpc
+import grpc.aio
+
+from meshpatch import safety
+from meshpatch.api import MeshError
+
+from ._common import current_agent, is_patched, is_suppressed, mark_patched
+from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
+
+_Key = Optional[Tuple[str, int]]
+
+
+def patch(aio: Any) -> str:
+    import wrapt
+
+    if is_patched(aio):
+        return "grpc.aio already patched"
+    wrapt.wrap_function_wrapper(aio, "insecure_channel", _insecure_channel_wrapper)
+    wrapt.wrap_function_wrapper(aio, "secure_channel", _secure_channel_wrapper)
+    mark_patched(aio)
+    return "grpc.aio: insecure_channel/secure_channel routed per RPC"
+
+
+def _plan(target: Any) -> Optional[MeshTarget]:
+    try:
+        parsed = parse_target(target)
+        if parsed is None:
+            return None
+        agent = current_agent()
+        if agent is None:
+            return None
+        agent.prefetch(parsed.host, parsed.port, "grpc")
+        return parsed
+    except Exception as exc:
+        safety.internal_error("hooks.grpc_aio.channel", exc)
+        return None
+
+
+def _bind_insecure(target: Any, options: Any = None, compression: Any = None, interceptors: Any = None) -> Tuple[Any, Any, Any, Any]:
+    return target, options, compression, interceptors
+
+
+def _bind_secure(
+    target: Any, credentials: Any, options: Any = None, compression: Any = None, interceptors: Any = None
+) -> Tuple[Any, Any, Any, Any, Any]:
+    return target, credentials, options, compression, interceptors
+
+
+def _insecure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    if is_suppressed():
+        return wrapped(*args, **kwargs)
+    target, options, compression, interceptors = _bind_insecure(*args, **kwargs)
+    mesh = _plan(target)
+    channel = wrapped(*args, **kwargs)
+    if mesh is None:
+        return channel
+
+    def factory(endpoint: str, extra: Any) -> Any:
+        return wrapped(endpoint, extra, compression, interceptors)
+
+    return _mesh_channel(channel, mesh, options, factory, tls=False)
+
+
+def _secure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    if is_suppressed():
+        return wrapped(*args, **kwargs)
+    target, credentials, options, compression, interceptors = _bind_secure(*args, **kwargs)
+    mesh = _plan(target)
+    channel = wrapped(*args, **kwargs)
+    if mesh is None:
+        return channel
+
+    def factory(endpoint: str, extra: Any) -> Any:
+        return wrapped(endpoint, credentials, extra, compression, interceptors)
+
+    return _mesh_channel(channel, mesh, options, factory, tls=True)
+
+
+def _mesh_channel(channel: Any, mesh: MeshTarget, options: Any, factory: Any, tls: bool) -> Any:
+    try:
+        return MeshAioChannel(channel, mesh, options, factory, tls)
+    except Exception as exc:
+        safety.internal_error("hooks.grpc_aio.mesh_channel", exc)
+        return channel
+
+
+class MeshAioChannel(grpc.aio.Channel):
+    """A real ``grpc.aio.Channel`` that routes each RPC through the mesh router."""
+
+    def __init__(self, passthrough: Any, mesh: MeshTarget, options: Any, factory: Callable[[str, Any], Any], tls: bool) -> None:
+        self._passthrough = passthrough
+        self._mesh = mesh
+        self._factory = factory
+        self._options = subchannel_options(options, mesh.authority, mesh.host if tls else None)
+        self._subchannels: Dict[Tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<meshpatch MeshAioChannel {self._mesh.authority!r} endpoints={len(self._subchannels)}>"
+
+    def _route(self, method: str, metadata: Any) -> _Key:
+        """Where one call goes; raises ``MeshError`` for the caller to turn into a failed call."""
+        if is_suppressed():
+            return None
+        try:
+            agent = current_agent()
+            if agent is None:
+                return None
+            mesh = self._mesh
+            pick = agent.router.pick("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
+        except MeshError:
+            raise
+        except Exception as exc:
+            safety.internal_error("hooks.grpc_aio.pick", exc)
+            return None
+        if pick is None:
+            return None
+        return (pick.address, pick.port)
+
+    def _channel_for(self, key: _Key) -> Any:
+        if key is None:
+            return self._passthrough
+        channel = self._subchannels.get(key)
+        if channel is not None:
+            return channel
+        with self._lock:
+            if self._closed:
+                raise grpc.aio.UsageError("Channel is closed.")
+            channel = self._subchannels.get(key)
+            if channel is None:
+                channel = self._factory(endpoint_target(*key), self._options)
+                self._subchannels[key] = channel
+        return channel
+
+    def _connectivity_channel(self) -> Any:
+        try:
+            key = self._route("/", None)
+        except MeshError:
+            key = None
+        if key is None and self._subchannels:
+            key = next(iter(self._subchannels))
+        return self._channel_for(key)
+
+    def endpoints(self) -> Tuple[Tuple[str, int], ...]:
+        return tuple(self._subchannels)
+
+    # grpc.aio.Channel ----------------------------------------------------------
+
+    async def __aenter__(self) -> "MeshAioChannel":
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        await self.close(None)
+
+    async def close(self, grace: Optional[float] = None) -> None:
+        with self._lock:
+            self._closed = True
+            channels = list(self._subchannels.values())
+        channels.append(self._passthrough)
+        await asyncio.gather(*(channel.close(grace) for channel in channels))
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._connectivity_channel().get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._connectivity_channel().wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._connectivity_channel().channel_ready()
+
+    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return _UnaryUnary(self, "unary_unary", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return _UnaryStream(self, "unary_stream", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return _StreamUnary(self, "stream_unary", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return _StreamStream(self, "stream_stream", method, (request_serializer, response_deserializer) + args, kwargs)
+
+
+class _Dispatch:
+    __slots__ = ("_channel", "_kind", "_method", "_args", "_kwargs", "_calls")
+
+    def __init__(self, channel: MeshAioChannel, kind: str, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        self._channel = channel
+        self._kind = kind
+        self._method = method
+        self._args = args
+        self._kwargs = kwargs
+        self._calls: Dict[_Key, Any] = {}
+
+    def __call__(self, request: Any = None, **kwargs: Any) -> Any:
+        try:
+            key = self._channel._route(self._method, kwargs.get("metadata"))
+        except MeshError as exc:
+            return FailedAioCall(str(exc))
+        call = self._calls.get(key)
+        if call is None:
+            channel = self._channel._channel_for(key)
+            call = getattr(channel, self._kind)(self._method, *self._args, **self._kwargs)
+            self._calls[key] = call
+        return call(request, **kwargs)
+
+
+class _UnaryUnary(_Dispatch, grpc.aio.UnaryUnaryMultiCallable):
+    __slots__ = ()
+
+
+class _UnaryStream(_Dispatch, grpc.aio.UnaryStreamMultiCallable):
+    __slots__ = ()
+
+
+class _StreamUnary(_Dispatch, grpc.aio.StreamUnaryMultiCallable):
+    __slots__ = ()
+
+
+class _StreamStream(_Dispatch, grpc.aio.StreamStreamMultiCallable):
+    __slots__ = ()
+
+
+class FailedAioCall:
+    """The call object for an RPC the mesh could not place: awaiting it, reading
+    from it or iterating it raises ``AioRpcError(UNAVAILABLE)``, as a real call
+    that failed to connect would."""
+
+    def __init__(self, details: str) -> None:
+        self._details = details
+
+    def _error(self) -> grpc.aio.AioRpcError:
+        empty = grpc.aio.Metadata()
+        return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, empty, empty, self._details, self._details)
+
+    def __await__(self) -> Any:
+        raise self._error()
+        yield  # pragma: no cover  (makes this a generator)
+
+    def __aiter__(self) -> "FailedAioCall":
+        return self
+
+    async def __anext__(self) -> Any:
+        raise self._error()
+
+    async def read(self) -> Any:
+        raise self._error()
+
+    async def write(self, request: Any) -> None:
+        raise self._error()
+
+    async def done_writing(self) -> None:
+        raise self._error()
+
+    async def wait_for_connection(self) -> None:
+        raise self._error()
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    async def details(self) -> str:
+        return self._details
+
+    async def initial_metadata(self) -> Any:
+        return grpc.aio.Metadata()
+
+    async def trailing_metadata(self) -> Any:
+        return grpc.aio.Metadata()
+
+    async def debug_error_string(self) -> str:
+        return self._details
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def time_remaining(self) -> Optional[float]:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        callback(self)

@@ -1,0 +1,401 @@
+"""grpc (sync): route every RPC, not every channel.
+
+``grpc.insecure_channel``/``secure_channel`` are wrapped.  For a target that can
+be a mesh name the app gets a :class:`MeshChannel`: a real ``grpc.Channel``
+whose multicallables pick an endpoint on *each* call (path = the method, headers
+= the call metadata) and dispatch to a real sub-channel to that endpoint.  Sub-
+channels are cached per endpoint and made with the app's own options,
+credentials and compression plus ``grpc.default_authority`` = the logical target
+(and, for TLS, ``grpc.ssl_target_name_override`` = the logical host), so the
+server sees the name the app used.  When the router says "not in the mesh" the
+call goes to a real channel made exactly as the app asked (created eagerly so
+argument errors surface where the app expects them).
+
+``grpc.aio`` is handled by :mod:`meshpatch.hooks.grpc_aio_hook`, patched from here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import grpc
+
+from meshpatch import safety
+from meshpatch.api import MeshError
+
+from ._common import current_agent, is_patched, is_suppressed, mark_patched
+from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
+
+_Key = Optional[Tuple[str, int]]  # endpoint (address, port); None = the app's own target
+
+
+def patch(module: Any) -> str:
+    import wrapt
+
+    details = []
+    if is_patched(module):
+        details.append("grpc already patched")
+    else:
+        wrapt.wrap_function_wrapper(module, "insecure_channel", _insecure_channel_wrapper)
+        wrapt.wrap_function_wrapper(module, "secure_channel", _secure_channel_wrapper)
+        mark_patched(module)
+        details.append(f"grpc {getattr(module, '__version__', '?')}: insecure_channel/secure_channel routed per RPC")
+    aio = getattr(module, "aio", None)
+    if aio is not None:
+        from . import grpc_aio_hook
+
+        details.append(grpc_aio_hook.patch(aio))
+    else:
+        from meshpatch import _importhook
+
+        def _aio_hook(aio_module: Any) -> None:
+            from . import grpc_aio_hook
+
+            grpc_aio_hook.patch(aio_module)
+
+        _importhook.when_imported("grpc.aio", _aio_hook)
+        details.append("grpc.aio: patched when imported")
+    return "; ".join(details)
+
+
+# -- channel factories --------------------------------------------------------
+
+
+def _plan(target: Any) -> Optional[MeshTarget]:
+    """The mesh target for a new channel, or None to give the app its own channel."""
+    try:
+        parsed = parse_target(target)
+        if parsed is None:
+            return None
+        agent = current_agent()
+        if agent is None:
+            return None
+        agent.prefetch(parsed.host, parsed.port, "grpc")
+        return parsed
+    except Exception as exc:
+        safety.internal_error("hooks.grpc.channel", exc)
+        return None
+
+
+def _insecure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    if is_suppressed():
+        return wrapped(*args, **kwargs)
+    target, options, compression = _bind_insecure(*args, **kwargs)
+    mesh = _plan(target)
+    channel = wrapped(*args, **kwargs)
+    if mesh is None:
+        return channel
+
+    def factory(endpoint: str, extra: Any) -> Any:
+        return wrapped(endpoint, extra, compression)
+
+    return _mesh_channel(channel, mesh, options, factory, tls=False)
+
+
+def _secure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    if is_suppressed():
+        return wrapped(*args, **kwargs)
+    target, credentials, options, compression = _bind_secure(*args, **kwargs)
+    mesh = _plan(target)
+    channel = wrapped(*args, **kwargs)
+    if mesh is None:
+        return channel
+
+    def factory(endpoint: str, extra: Any) -> Any:
+        return wrapped(endpoint, credentials, extra, compression)
+
+    return _mesh_channel(channel, mesh, options, factory, tls=True)
+
+
+def _mesh_channel(channel: Any, mesh: MeshTarget, options: Any, factory: Any, tls: bool) -> Any:
+    try:
+        return MeshChannel(channel, mesh, options, factory, tls)
+    except Exception as exc:
+        safety.internal_error("hooks.grpc.mesh_channel", exc)
+        return channel
+
+
+def _bind_insecure(target: Any, options: Any = None, compression: Any = None) -> Tuple[Any, Any, Any]:
+    return target, options, compression
+
+
+def _bind_secure(target: Any, credentials: Any, options: Any = None, compression: Any = None) -> Tuple[Any, Any, Any, Any]:
+    return target, credentials, options, compression
+
+
+# -- the channel ---------------------------------------------------------------
+
+
+class MeshChannel(grpc.Channel):
+    """A real ``grpc.Channel`` that routes each RPC through the mesh router."""
+
+    def __init__(self, passthrough: Any, mesh: MeshTarget, options: Any, factory: Callable[[str, Any], Any], tls: bool) -> None:
+        self._passthrough = passthrough
+        self._mesh = mesh
+        self._factory = factory
+        self._options = subchannel_options(options, mesh.authority, mesh.host if tls else None)
+        self._subchannels: Dict[Tuple[str, int], Any] = {}
+        self._subscriptions: Dict[Any, Any] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<meshpatch MeshChannel {self._mesh.authority!r} endpoints={len(self._subchannels)}>"
+
+    # routing ---------------------------------------------------------------
+
+    def _route(self, method: str, metadata: Any) -> _Key:
+        """Where one call goes; raises the gRPC error for MeshError."""
+        if is_suppressed():
+            return None
+        try:
+            agent = current_agent()
+            if agent is None:
+                return None
+            mesh = self._mesh
+            pick = agent.router.pick("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
+        except MeshError as exc:
+            raise MeshRpcError(str(exc)) from exc
+        except Exception as exc:
+            safety.internal_error("hooks.grpc.pick", exc)
+            return None
+        if pick is None:
+            return None
+        return (pick.address, pick.port)
+
+    def _channel_for(self, key: _Key) -> Any:
+        if key is None:
+            return self._passthrough
+        channel = self._subchannels.get(key)
+        if channel is not None:
+            return channel
+        with self._lock:
+            if self._closed:
+                raise ValueError("Cannot invoke RPC on closed channel!")
+            channel = self._subchannels.get(key)
+            if channel is None:
+                channel = self._factory(endpoint_target(*key), self._options)
+                self._subchannels[key] = channel
+        return channel
+
+    def _connectivity_channel(self) -> Any:
+        """The channel whose connectivity stands for this one (channel_ready_future):
+        an endpoint the router would pick for a call, else any endpoint in use,
+        else the app's own target."""
+        try:
+            key = self._route("/", None)
+        except grpc.RpcError:
+            key = None
+        if key is None and self._subchannels:
+            key = next(iter(self._subchannels))
+        return self._channel_for(key)
+
+    def endpoints(self) -> Tuple[Tuple[str, int], ...]:
+        """Endpoints this channel has sub-channels to (status output, tests)."""
+        return tuple(self._subchannels)
+
+    # grpc.Channel ------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False) -> None:
+        channel = self._connectivity_channel()
+        with self._lock:
+            self._subscriptions[callback] = channel
+        channel.subscribe(callback, try_to_connect=try_to_connect)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        with self._lock:
+            channel = self._subscriptions.pop(callback, None)
+        if channel is not None:
+            channel.unsubscribe(callback)
+
+    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return _UnaryUnary(self, "unary_unary", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return _UnaryStream(self, "unary_stream", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return _StreamUnary(self, "stream_unary", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return _StreamStream(self, "stream_stream", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channels = list(self._subchannels.values())
+        channels.append(self._passthrough)
+        for channel in channels:
+            channel.close()
+
+    def __enter__(self) -> "MeshChannel":
+        return self
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        self.close()
+        return False
+
+
+# -- multicallables ------------------------------------------------------------
+
+
+class _Dispatch:
+    """Per (channel, method): resolves each call to a real multicallable,
+    cached per endpoint so the hot path is one pick and one dict lookup."""
+
+    __slots__ = ("_channel", "_kind", "_method", "_args", "_kwargs", "_calls")
+
+    def __init__(self, channel: MeshChannel, kind: str, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        self._channel = channel
+        self._kind = kind
+        self._method = method
+        self._args = args
+        self._kwargs = kwargs
+        self._calls: Dict[_Key, Any] = {}
+
+    def _target(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        metadata = kwargs.get("metadata") if "metadata" in kwargs else (args[2] if len(args) > 2 else None)
+        key = self._channel._route(self._method, metadata)
+        call = self._calls.get(key)
+        if call is None:
+            channel = self._channel._channel_for(key)
+            call = getattr(channel, self._kind)(self._method, *self._args, **self._kwargs)
+            self._calls[key] = call
+        return call
+
+
+class _UnaryUnary(_Dispatch, grpc.UnaryUnaryMultiCallable):
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target(args, kwargs)(*args, **kwargs)
+
+    def with_call(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target(args, kwargs).with_call(*args, **kwargs)
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            target = self._target(args, kwargs)
+        except MeshRpcError as error:
+            return error
+        return target.future(*args, **kwargs)
+
+
+class _UnaryStream(_Dispatch, grpc.UnaryStreamMultiCallable):
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            target = self._target(args, kwargs)
+        except MeshRpcError as error:
+            return error
+        return target(*args, **kwargs)
+
+
+class _StreamUnary(_Dispatch, grpc.StreamUnaryMultiCallable):
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target(args, kwargs)(*args, **kwargs)
+
+    def with_call(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target(args, kwargs).with_call(*args, **kwargs)
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            target = self._target(args, kwargs)
+        except MeshRpcError as error:
+            return error
+        return target.future(*args, **kwargs)
+
+
+class _StreamStream(_Dispatch, grpc.StreamStreamMultiCallable):
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            target = self._target(args, kwargs)
+        except MeshRpcError as error:
+            return error
+        return target(*args, **kwargs)
+
+
+# -- the UNAVAILABLE error for MeshError ----------------------------------------
+
+
+class MeshRpcError(grpc.RpcError, grpc.Call, grpc.Future):
+    """What a failed RPC looks like to the app when the mesh has no endpoint or
+    no route: ``StatusCode.UNAVAILABLE`` with meshpatch's message, usable as the
+    raised error, as a failed future and as a stream that fails on first read,
+    like grpc's own ``_InactiveRpcError``."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def __str__(self) -> str:
+        return (
+            f"<{type(self).__name__} of RPC that terminated with:\n"
+            f"\tstatus = {grpc.StatusCode.UNAVAILABLE}\n"
+            f'\tdetails = "{self._details}"\n>'
+        )
+
+    __repr__ = __str__
+
+    # grpc.Call / RpcContext
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> Tuple[Any, ...]:
+        return ()
+
+    def trailing_metadata(self) -> Tuple[Any, ...]:
+        return ()
+
+    def debug_error_string(self) -> str:
+        return self._details
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> Optional[float]:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    # grpc.Future
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        raise self
+
+    def exception(self, timeout: Optional[float] = None) -> BaseException:
+        return self
+
+    def traceback(self, timeout: Optional[float] = None) -> Any:
+        return self.__traceback__
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
+
+    # a response stream that fails on first read
+    def __iter__(self) -> "MeshRpcError":
+        return self
+
+    def __next__(self) -> Any:
+        raise self
