@@ -1,0 +1,1 @@
+"""The ``meshpatch`` command line (console script ``meshpatch`` → :func:`meshpatch.cli.main.main`)."""

@@ -1,0 +1,850 @@
+"""Istio model → Envoy v3 resources, shaped like istiod's proxyless-gRPC output.
+
+Mirrors ``pilot/pkg/networking/grpcgen`` (LDS/RDS/CDS) and the EDS endpoint
+builder so that a client which works against this control plane works against
+istiod: names, name expansion and field choices follow istiod even where a
+simpler shape would do (see docs/reference xds-istio.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2
+
+from .istio_config import (
+    ConsistentHash,
+    Duration,
+    HTTPFaultInjection,
+    HTTPMatchRequest,
+    HTTPRetry,
+    HTTPRoute,
+    LoadBalancerSettings,
+    ServicePort,
+    StringMatch,
+    TrafficPolicy,
+    VirtualService,
+    split_host_port,
+)
+from .snapshot import ProxyNode, Service, Snapshot, is_http_or_sniffed, is_ip, resolve_short_name
+
+log = logging.getLogger("meshpatch.controlplane")
+
+TYPE_PREFIX = "type.googleapis.com/"
+LISTENER_TYPE = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE_TYPE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+# istiod's push order: clusters before endpoints before listeners before routes ("make before break").
+PUSH_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+WILDCARD_TYPES = (LISTENER_TYPE, CLUSTER_TYPE)
+
+INBOUND_LISTENER_PREFIX = "xds.istio.io/grpc/lds/inbound/"
+FAULT_FILTER = "envoy.filters.http.fault"
+ROUTER_FILTER = "envoy.filters.http.router"
+DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+DEFAULT_MIN_RING_SIZE = 1024
+
+Resource = Tuple[str, Message]
+
+_GRPC_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9,
+    "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13, "UNAVAILABLE": 14,
+    "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+
+
+# --------------------------------------------------------------------------- names
+
+
+def subset_key(subset: str, hostname: str, port: int) -> str:
+    """model.BuildSubsetKey for outbound clusters: ``outbound|PORT|SUBSET|FQDN``."""
+    return f"outbound|{port}|{subset}|{hostname}"
+
+
+def parse_subset_key(name: str) -> Optional[Tuple[str, str, str, int]]:
+    """model.ParseSubsetKey → (direction, subset, hostname, port) or None."""
+    parts = name.split("|")
+    if len(parts) != 4:
+        return None
+    try:
+        port = int(parts[1])
+    except ValueError:
+        return None
+    if not parts[3] or port <= 0:
+        return None
+    return parts[0], parts[2], parts[3], port
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _pack(msg: Message) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def _duration(d: Optional[Duration]) -> duration_pb2.Duration:
+    if d is None:
+        return duration_pb2.Duration()
+    return duration_pb2.Duration(seconds=d.seconds, nanos=d.nanos)
+
+
+# --------------------------------------------------------------------------- LDS
+
+
+class _ListenerName:
+    __slots__ = ("requested", "ports")
+
+    def __init__(self) -> None:
+        self.requested: Set[str] = set()
+        self.ports: Optional[Set[str]] = None  # None = all ports
+
+
+def try_find_fqdn(name: str, node: ProxyNode) -> str:
+    """lds.go tryFindFQDN: expand short names relative to the proxy's namespace only."""
+    if "." not in name:
+        return f"{name}.{node.dns_domain}"
+    for suffix in (node.namespace, node.namespace + ".svc"):
+        if name.endswith("." + suffix) and node.dns_domain.startswith(suffix):
+            short = name[: -(len(suffix) + 1)]
+            return f"{short}.{node.dns_domain}"
+    return ""
+
+
+def _listener_filter(names: Sequence[str], node: ProxyNode) -> Dict[str, _ListenerName]:
+    """lds.go newListenerNameFilter, including its port-merging quirks."""
+    flt: Dict[str, _ListenerName] = {}
+    for name in names:
+        if name.startswith(INBOUND_LISTENER_PREFIX):
+            continue
+        host, port = split_host_port(name)
+        has_port = port is not None
+        requested = host if has_port else name
+        all_names = [requested]
+        fqdn = try_find_fqdn(requested, node)
+        if fqdn:
+            all_names.append(fqdn)
+        for n in all_names:
+            existing = flt.get(n)
+            ln = existing if existing is not None else _ListenerName()
+            if existing is None:
+                ln.ports = set() if has_port else None
+            ln.requested.add(requested)
+            if has_port and (existing is None or ln.ports):
+                assert ln.ports is not None
+                ln.ports.add(port)  # type: ignore[arg-type]
+            elif not has_port:
+                ln.ports = None
+            flt[n] = ln
+    return flt
+
+
+def _http_filters() -> List[hcm_pb2.HttpFilter]:
+    return [
+        hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_pack(fault_pb2.HTTPFault())),
+        hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_pack(router_pb2.Router())),
+    ]
+
+
+def build_listeners(snap: Snapshot, node: ProxyNode, names: Sequence[str], wildcard: bool) -> List[Resource]:
+    flt = None if wildcard else _listener_filter(names, node)
+    inbound = [n for n in names if n.startswith(INBOUND_LISTENER_PREFIX)]
+    if inbound:
+        log.info("meshpatch control plane: inbound (server) listeners are not generated yet: %s", ", ".join(inbound))
+    out: List[Resource] = []
+    for svc in snap.services_sorted():
+        if flt is None:
+            requested, ports = {svc.hostname}, None
+        else:
+            match = flt.get(svc.hostname)
+            if match is None:
+                continue
+            requested, ports = match.requested, match.ports
+        for req_host in sorted(requested):
+            for p in svc.ports:
+                if ports and str(p.number) not in ports:
+                    continue
+                out.append((join_host_port(req_host, p.number), _listener(svc, p, req_host)))
+    return out
+
+
+def _listener(svc: Service, port: ServicePort, requested_host: str) -> listener_pb2.Listener:
+    hcm = hcm_pb2.HttpConnectionManager(
+        http_filters=_http_filters(),
+        rds=hcm_pb2.Rds(
+            config_source=config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource()),
+            route_config_name=subset_key("", svc.hostname, port.number),
+        ),
+    )
+    return listener_pb2.Listener(
+        name=join_host_port(requested_host, port.number),
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=svc.vip, port_value=port.number)
+        ),
+        api_listener=api_listener_pb2.ApiListener(api_listener=_pack(hcm)),
+    )
+
+
+# --------------------------------------------------------------------------- RDS
+
+
+def build_routes(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> List[Resource]:
+    out: List[Resource] = []
+    for name in names:
+        parsed = parse_subset_key(name)
+        if parsed is None:
+            log.warning("meshpatch control plane: cannot parse route name %r (want outbound|PORT||FQDN)", name)
+            continue
+        _, _, hostname, port = parsed
+        out.append((name, route_pb2.RouteConfiguration(name=name, virtual_hosts=_virtual_hosts(snap, node, hostname, port))))
+    return out
+
+
+def _virtual_hosts(snap: Snapshot, node: ProxyNode, hostname: str, port_number: int) -> List[rc.VirtualHost]:
+    """The vhost(s) for ``hostname`` on the route's port (Istio ≥1.31 scopes
+    the RouteConfiguration to the requested host)."""
+    svc = snap.service(hostname)
+    if svc is None:
+        return []
+    port = svc.port(port_number)
+    if port is None or not is_http_or_sniffed(port.protocol):
+        return []
+    routes: Optional[List[rc.Route]] = None
+    vs = snap.virtual_service_for(hostname, node.namespace)
+    if vs is not None:
+        routes = _vs_routes(snap, node, vs, port_number) or None
+    if routes is None:
+        routes = [_default_route(snap, node, svc, port)]
+    return [
+        rc.VirtualHost(
+            name=join_host_port(hostname, port_number),
+            domains=vhost_domains(svc, port_number, node.dns_domain),
+            routes=routes,
+            include_request_attempt_count=True,
+        )
+    ]
+
+
+def vhost_domains(svc: Service, port: int, proxy_domain: str) -> List[str]:
+    """httproute.go generateVirtualHostDomains with the port kept (proxyless)."""
+    domains = [svc.hostname, join_host_port(svc.hostname, port)]
+    domains += alt_virtual_hosts(svc.hostname, port, proxy_domain)
+    if svc.vip and svc.vip != "0.0.0.0":
+        domains += [svc.vip, join_host_port(svc.vip, port)]
+    seen: Set[str] = set()
+    return [d for d in domains if not (d.lower() in seen or seen.add(d.lower()))]  # type: ignore[func-returns-value]
+
+
+def alt_virtual_hosts(hostname: str, port: int, proxy_domain: str) -> List[str]:
+    """GenerateAltVirtualHosts: the short forms valid from the proxy's domain."""
+    if ".svc." in proxy_domain:
+        idx = proxy_domain.index(".svc.")
+        cluster_suffix = proxy_domain[idx + 1 :]  # "svc.cluster.local"
+        if not hostname.endswith(cluster_suffix):
+            return []
+        ih = hostname.find(".svc.")
+        if ih <= 0:
+            return []
+        ns = hostname.find(".")
+        if ns + 1 >= len(hostname) or ns + 1 > ih:
+            return []
+        if hostname[ns + 1 : ih] == proxy_domain[:idx]:
+            return [
+                hostname[:ns], f"{hostname[:ns]}:{port}",
+                hostname[:ih] + ".svc", f"{hostname[:ih]}.svc:{port}",
+                hostname[:ih], f"{hostname[:ih]}:{port}",
+            ]
+        return [hostname[:ih], f"{hostname[:ih]}:{port}", hostname[:ih] + ".svc", f"{hostname[:ih]}.svc:{port}"]
+    fq, pd = hostname.split("."), proxy_domain.split(".") if proxy_domain else []
+    shared = 0
+    while shared < min(len(fq), len(pd)) and fq[-1 - shared] == pd[-1 - shared]:
+        shared += 1
+    if shared == 0:
+        return []
+    unique = fq[: len(fq) - shared]
+    if not unique:
+        return []
+    u = ".".join(unique)
+    out = [u, f"{u}:{port}"]
+    if len(unique) == 2:
+        d = f"{u}.{fq[len(fq) - shared]}"
+        out += [d, f"{d}:{port}"]
+    return out
+
+
+def _config_metadata(vs: VirtualService) -> base_pb2.Metadata:
+    s = struct_pb2.Struct()
+    s.update({"config": f"/apis/networking.istio.io/v1/namespaces/{vs.meta.namespace}/virtual-service/{vs.meta.name}"})
+    return base_pb2.Metadata(filter_metadata={"istio": s})
+
+
+def _default_route(snap: Snapshot, node: ProxyNode, svc: Service, port: ServicePort) -> rc.Route:
+    cluster = subset_key("", svc.hostname, port.number)
+    action = rc.RouteAction(
+        cluster=cluster,
+        timeout=duration_pb2.Duration(),
+        max_stream_duration=rc.RouteAction.MaxStreamDuration(max_stream_duration=duration_pb2.Duration()),
+        retry_policy=retry_policy(None, consistent_hash=False),
+    )
+    hp = _hash_policy(_service_hash(snap, node, svc, port.number))
+    if hp is not None:
+        action.hash_policy.append(hp)
+    return rc.Route(
+        name="default",
+        match=rc.RouteMatch(prefix="/", case_sensitive=wrappers_pb2.BoolValue(value=True)),
+        decorator=rc.Decorator(operation=f"{svc.hostname}:{port.number}/*"),
+        route=action,
+    )
+
+
+def _vs_routes(snap: Snapshot, node: ProxyNode, vs: VirtualService, listen_port: int) -> List[rc.Route]:
+    """route.go BuildHTTPRoutesForVirtualService: one route per (rule × match), stop after a catch-all."""
+    out: List[rc.Route] = []
+    for http in vs.http:
+        catchall = False
+        if not http.match:
+            r = _translate_route(snap, node, vs, http, None, listen_port)
+            if r is not None:
+                out.append(r)
+            catchall = True
+        else:
+            for m in http.match:
+                r = _translate_route(snap, node, vs, http, m, listen_port)
+                if r is not None:
+                    out.append(r)
+                    if is_catch_all(r):
+                        catchall = True
+                        break
+        if catchall:
+            break
+    return out
+
+
+def is_catch_all(r: rc.Route) -> bool:
+    m = r.match
+    which = m.WhichOneof("path_specifier")
+    catchall = (which == "prefix" and m.prefix == "/") or (which == "safe_regex" and m.safe_regex.regex == ".*")
+    return catchall and not m.headers and not m.query_parameters and not m.dynamic_metadata
+
+
+def _source_matches(m: Optional[HTTPMatchRequest], node: ProxyNode) -> bool:
+    if m is None:
+        return True
+    if m.gateways:
+        return "mesh" in m.gateways
+    labels = node.label_map
+    if all(labels.get(k) == v for k, v in m.source_labels.items()):
+        return not m.source_namespace or m.source_namespace == node.namespace
+    return False
+
+
+def _translate_route(
+    snap: Snapshot, node: ProxyNode, vs: VirtualService, http: HTTPRoute, m: Optional[HTTPMatchRequest], listen_port: int
+) -> Optional[rc.Route]:
+    if m is not None and m.port and m.port != listen_port:
+        return None
+    if not _source_matches(m, node):
+        return None
+    if not http.route:
+        # redirect / directResponse / delegate are not translated yet; gRPC ignores such routes anyway.
+        log.info(
+            "meshpatch control plane: VirtualService %s/%s route %r has no destinations (redirect/directResponse/delegate "
+            "are not translated); route skipped", vs.meta.namespace, vs.meta.name, http.name,
+        )
+        return None
+    name = http.name
+    if m is not None and m.name:
+        name = f"{name}.{m.name}"
+    out = rc.Route(name=name, match=translate_match(m), metadata=_config_metadata(vs))
+    action = rc.RouteAction(timeout=_duration(http.timeout) if http.timeout else duration_pb2.Duration())
+    # Proxyless: gRPC only reads max_stream_duration (A31).
+    action.max_stream_duration.max_stream_duration.CopyFrom(action.timeout)
+    hashes: List[Optional[ConsistentHash]] = []
+    if len(http.route) == 1:
+        dst = http.route[0]
+        action.cluster = _destination_cluster(snap, vs, dst.destination.host, dst.destination.subset, dst.destination.port, listen_port)
+        h = _destination_hash(snap, node, vs, dst.destination.host, dst.destination.subset, dst.destination.port)
+        hashes.append(h)
+        hp = _hash_policy(h)
+        if hp is not None:
+            action.hash_policy.append(hp)
+        consistent = h is not None
+    else:
+        weighted = rc.WeightedCluster()
+        for dst in http.route:
+            if dst.weight == 0:
+                continue
+            weighted.clusters.append(
+                rc.WeightedCluster.ClusterWeight(
+                    name=_destination_cluster(snap, vs, dst.destination.host, dst.destination.subset, dst.destination.port, listen_port),
+                    weight=wrappers_pb2.UInt32Value(value=dst.weight),
+                )
+            )
+            hp = _hash_policy(_destination_hash(snap, node, vs, dst.destination.host, dst.destination.subset, dst.destination.port))
+            if hp is not None:
+                action.hash_policy.append(hp)
+        action.weighted_clusters.CopyFrom(weighted)
+        consistent = False
+    rp = retry_policy(http.retries, consistent_hash=consistent)
+    if rp is not None:
+        action.retry_policy.CopyFrom(rp)
+    out.route.CopyFrom(action)
+    out.decorator.operation = _route_operation(out, vs.meta.name, listen_port)
+    if http.fault is not None:
+        f = translate_fault(http.fault)
+        if f is not None:
+            out.typed_per_filter_config[FAULT_FILTER].CopyFrom(_pack(f))
+    return out
+
+
+def _route_operation(r: rc.Route, vs_name: str, port: int) -> str:
+    m = r.match
+    which = m.WhichOneof("path_specifier")
+    path = "/*"
+    if which == "prefix":
+        path = m.prefix + "*"
+    elif which == "path":
+        path = m.path
+    elif which == "safe_regex":
+        path = m.safe_regex.regex
+    if r.route.WhichOneof("cluster_specifier") == "cluster":
+        parsed = parse_subset_key(r.route.cluster)
+        if parsed is not None:
+            return f"{parsed[2]}:{parsed[3]}{path}"
+    return f"{vs_name}:{port}{path}"
+
+
+def _destination_cluster(snap: Snapshot, vs: VirtualService, host: str, subset: str, dport: int, listen_port: int) -> str:
+    """route.go GetDestinationCluster: explicit port, else the service's only port, else the listener port."""
+    hostname = resolve_short_name(host, vs.meta.namespace)
+    port = listen_port
+    svc = snap.service(hostname)
+    if dport:
+        port = dport
+    elif svc is not None and len(svc.ports) == 1:
+        port = svc.ports[0].number
+    return subset_key(subset, hostname, port)
+
+
+def _string_matcher(sm: StringMatch) -> string_pb2.StringMatcher:
+    if sm.kind == "exact":
+        return string_pb2.StringMatcher(exact=sm.value)
+    if sm.kind == "prefix":
+        return string_pb2.StringMatcher(prefix=sm.value)
+    return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=sm.value))
+
+
+def _present(sm: Optional[StringMatch]) -> bool:
+    return sm is None or sm.kind == "" or (sm.kind == "regex" and sm.value == "*")
+
+
+def _header_matcher(name: str, sm: StringMatch) -> rc.HeaderMatcher:
+    if _present(sm):
+        return rc.HeaderMatcher(name=name, present_match=True)
+    return rc.HeaderMatcher(name=name, string_match=_string_matcher(sm))
+
+
+def translate_match(m: Optional[HTTPMatchRequest]) -> rc.RouteMatch:
+    """route.go TranslateRouteMatch."""
+    out = rc.RouteMatch(prefix="/")
+    if m is None:
+        return out
+    headers: List[rc.HeaderMatcher] = []
+    for name, sm in m.headers.items():
+        if name.startswith("@request.auth.claims"):
+            continue  # JWT claim matchers become dynamic_metadata; not meaningful without JWT
+        headers.append(_header_matcher(name, sm))
+    for name, sm in m.without_headers.items():
+        if name.startswith("@request.auth.claims"):
+            continue
+        hm = _header_matcher(name, sm)
+        hm.invert_match = True
+        if not _present(sm):
+            hm.treat_missing_header_as_empty = True
+        headers.append(hm)
+    headers.sort(key=lambda h: h.name)
+    if m.uri is not None and m.uri.kind:
+        if m.uri.kind == "exact":
+            out.path = m.uri.value
+        elif m.uri.kind == "prefix":
+            out.prefix = m.uri.value
+        else:
+            out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=m.uri.value))
+    out.case_sensitive.value = not m.ignore_uri_case
+    for pseudo, sm in ((":method", m.method), (":authority", m.authority), (":scheme", m.scheme)):
+        if sm is not None:
+            headers.append(_header_matcher(pseudo, sm))
+    out.headers.extend(headers)
+    for name, sm in m.query_params.items():
+        qm = rc.QueryParameterMatcher(name=name)
+        if _present(sm):
+            qm.present_match = True
+        else:
+            qm.string_match.CopyFrom(_string_matcher(sm))
+        out.query_parameters.append(qm)
+    return out
+
+
+def retry_policy(retries: Optional[HTTPRetry], consistent_hash: bool) -> Optional[rc.RetryPolicy]:
+    """retry.go ConvertPolicy (mesh default policy when the VS sets none)."""
+    out = rc.RetryPolicy(
+        num_retries=wrappers_pb2.UInt32Value(value=2),
+        retry_on=DEFAULT_RETRY_ON,
+        host_selection_retry_max_attempts=5,
+        retriable_status_codes=[503],
+    )
+    if not consistent_hash:
+        out.retry_host_predicate.append(_previous_hosts())
+    if retries is None:
+        return out
+    if retries.attempts <= 0:
+        return None
+    out.num_retries.value = retries.attempts
+    if retries.retry_on:
+        words, codes = [], []
+        for part in (p.strip() for p in retries.retry_on.split(",")):
+            if not part:
+                continue
+            if part.isdigit() and 100 <= int(part) <= 599:
+                codes.append(int(part))
+            else:
+                words.append(part)
+        out.retry_on = ",".join(words)
+        del out.retriable_status_codes[:]
+        out.retriable_status_codes.extend(codes)
+        if codes and "retriable-status-codes" not in out.retry_on:
+            out.retry_on += ",retriable-status-codes"
+    if retries.per_try_timeout is not None:
+        out.per_try_timeout.CopyFrom(_duration(retries.per_try_timeout))
+    if retries.retry_ignore_previous_hosts is not None:
+        del out.retry_host_predicate[:]
+        if retries.retry_ignore_previous_hosts:
+            out.retry_host_predicate.append(_previous_hosts())
+    if retries.backoff is not None:
+        out.retry_back_off.base_interval.CopyFrom(_duration(retries.backoff))
+    return out
+
+
+def _previous_hosts() -> rc.RetryPolicy.RetryHostPredicate:
+    return rc.RetryPolicy.RetryHostPredicate(
+        name="envoy.retry_host_predicates.previous_hosts",
+        typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()),
+    )
+
+
+def translate_fault(f: HTTPFaultInjection) -> Optional[fault_pb2.HTTPFault]:
+    """route.go TranslateFault."""
+    out = fault_pb2.HTTPFault()
+    has = False
+    if f.delay is not None and f.delay.fixed_delay is not None and not f.delay.exponential:
+        d = common_fault_pb2.FaultDelay(fixed_delay=_duration(f.delay.fixed_delay))
+        if f.delay.percentage is not None:
+            d.percentage.CopyFrom(_million(f.delay.percentage))
+        else:
+            d.percentage.CopyFrom(percent_pb2.FractionalPercent(numerator=f.delay.percent or 0, denominator=percent_pb2.FractionalPercent.HUNDRED))
+        out.delay.CopyFrom(d)
+        has = True
+    if f.abort is not None and (f.abort.http_status is not None or f.abort.grpc_status):
+        a = fault_pb2.FaultAbort()
+        if f.abort.percentage is not None:
+            a.percentage.CopyFrom(_million(f.abort.percentage))
+        if f.abort.http_status is not None:
+            a.http_status = f.abort.http_status
+        else:
+            code = _GRPC_CODES.get(str(f.abort.grpc_status).upper())
+            if code is None:
+                log.warning("meshpatch control plane: unknown grpcStatus %r in fault abort; abort dropped", f.abort.grpc_status)
+                a = None  # type: ignore[assignment]
+            else:
+                a.grpc_status = code
+        if a is not None:
+            out.abort.CopyFrom(a)
+            has = True
+    return out if has else None
+
+
+def _million(pct: float) -> percent_pb2.FractionalPercent:
+    return percent_pb2.FractionalPercent(numerator=int(pct * 10000), denominator=percent_pb2.FractionalPercent.MILLION)
+
+
+# --------------------------------------------------------------------------- consistent hash
+
+
+def _lb_for_port(tp: Optional[TrafficPolicy], port: int) -> Optional[LoadBalancerSettings]:
+    if tp is None:
+        return None
+    for pls in tp.port_level_settings:
+        if pls.port == port and pls.load_balancer is not None:
+            return pls.load_balancer
+    return tp.load_balancer
+
+
+def _service_hash(snap: Snapshot, node: ProxyNode, svc: Service, port: int) -> Optional[ConsistentHash]:
+    dr = snap.destination_rule(svc.hostname, node.namespace, svc.namespace)
+    if dr is None or dr.traffic_policy is None:
+        return None
+    lb = _lb_for_port(dr.traffic_policy, port)
+    return lb.consistent_hash if lb is not None else None
+
+
+def _destination_hash(snap: Snapshot, node: ProxyNode, vs: VirtualService, host: str, subset: str, port: int) -> Optional[ConsistentHash]:
+    """route.go hashForHTTPDestination: subset port-level > subset > port-level > top-level."""
+    hostname = resolve_short_name(host, vs.meta.namespace)
+    svc = snap.service(hostname)
+    dr = snap.destination_rule(hostname, node.namespace, svc.namespace if svc else vs.meta.namespace)
+    if dr is None:
+        return None
+    tp = dr.traffic_policy
+    result = tp.load_balancer.consistent_hash if tp and tp.load_balancer else None
+    pls_hash = None
+    if port and tp is not None:
+        for pls in tp.port_level_settings:
+            if pls.port == port:
+                pls_hash = pls.load_balancer.consistent_hash if pls.load_balancer else None
+                break
+    sub_hash = sub_pls_hash = None
+    sub = snap.subset(dr, subset) if subset else None
+    if sub is not None and sub.traffic_policy is not None:
+        stp = sub.traffic_policy
+        sub_hash = stp.load_balancer.consistent_hash if stp.load_balancer else None
+        if port:
+            for pls in stp.port_level_settings:
+                if pls.port == port:
+                    sub_pls_hash = pls.load_balancer.consistent_hash if pls.load_balancer else None
+                    break
+    return sub_pls_hash or sub_hash or pls_hash or result
+
+
+def _hash_policy(ch: Optional[ConsistentHash]) -> Optional[rc.RouteAction.HashPolicy]:
+    if ch is None:
+        return None
+    kind = ch.hash_key_kind
+    if kind == "header":
+        return rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=ch.http_header_name))
+    if kind == "cookie":
+        cookie = ch.http_cookie or {}
+        c = rc.RouteAction.HashPolicy.Cookie(name=str(cookie.get("name", "")), path=str(cookie.get("path", "") or ""))
+        if cookie.get("ttl") is not None:
+            from .istio_config import parse_duration
+
+            c.ttl.CopyFrom(_duration(parse_duration(cookie["ttl"], "ttl")))
+        return rc.RouteAction.HashPolicy(cookie=c)
+    if kind == "source_ip":
+        return rc.RouteAction.HashPolicy(connection_properties=rc.RouteAction.HashPolicy.ConnectionProperties(source_ip=True))
+    if kind == "query":
+        return rc.RouteAction.HashPolicy(query_parameter=rc.RouteAction.HashPolicy.QueryParameter(name=ch.http_query_parameter_name))
+    return None
+
+
+# --------------------------------------------------------------------------- CDS
+
+
+def merge_traffic_policy(base: Optional[TrafficPolicy], override: Optional[TrafficPolicy], port: int) -> TrafficPolicy:
+    """MergeTrafficPolicy: port-level settings of each layer apply to that
+    port; a layer's set fields replace the layer below wholesale."""
+    out = TrafficPolicy()
+    for layer in (base, override):
+        if layer is None:
+            continue
+        for attr in ("load_balancer", "connection_pool", "outlier_detection", "tls"):
+            if getattr(layer, attr) is not None:
+                setattr(out, attr, getattr(layer, attr))
+        for pls in layer.port_level_settings:
+            if pls.port == port:
+                for attr in ("load_balancer", "connection_pool", "outlier_detection", "tls"):
+                    if getattr(pls, attr) is not None:
+                        setattr(out, attr, getattr(pls, attr))
+    return out
+
+
+def build_clusters(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> List[Resource]:
+    """cds.go BuildClusters: only requested names; unknown service/port/subset → omitted."""
+    groups: "OrderedDict[str, List[str]]" = OrderedDict()
+    for name in names:
+        parsed = parse_subset_key(name)
+        if parsed is None or parsed[0] != "outbound":
+            log.warning("meshpatch control plane: cds for %s: cannot parse cluster name %r", node.id, name)
+            continue
+        groups.setdefault(subset_key("", parsed[2], parsed[3]), []).append(name)
+    out: List[Resource] = []
+    emitted: Set[str] = set()
+    for default_key, requested in groups.items():
+        _, _, hostname, port_num = parse_subset_key(default_key)  # type: ignore[misc]
+        svc = snap.service(hostname)
+        port = svc.port(port_num) if svc else None
+        if svc is None or port is None:
+            log.warning("meshpatch control plane: cds for %s: no service port for cluster %s", node.id, default_key)
+            continue
+        dr = snap.destination_rule(hostname, node.namespace, svc.namespace)
+        policy = merge_traffic_policy(None, dr.traffic_policy if dr else None, port_num)
+        if default_key in requested and default_key not in emitted:
+            out.append((default_key, _eds_cluster(default_key, policy, node)))
+            emitted.add(default_key)
+        for subset in dr.subsets if dr else []:
+            key = subset_key(subset.name, hostname, port_num)
+            if key in requested and key not in emitted:
+                out.append((key, _eds_cluster(key, merge_traffic_policy(policy, subset.traffic_policy, port_num), node)))
+                emitted.add(key)
+    return out
+
+
+def _eds_cluster(name: str, policy: TrafficPolicy, node: ProxyNode) -> cluster_pb2.Cluster:
+    c = cluster_pb2.Cluster(
+        name=name,
+        alt_stat_name=name + ";",
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+            service_name=name,
+            eds_config=config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource()),
+        ),
+    )
+    _apply_load_balancer(c, policy.load_balancer, node)
+    _apply_connection_pool(c, policy.connection_pool)
+    return c
+
+
+def _apply_load_balancer(c: cluster_pb2.Cluster, lb: Optional[LoadBalancerSettings], node: ProxyNode) -> None:
+    if lb is None:
+        return
+    if lb.simple == "LEAST_REQUEST":
+        c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
+    elif lb.simple not in ("", "ROUND_ROBIN"):
+        log.warning("meshpatch control plane: cannot apply LbPolicy %s to %s", lb.simple, node.id)
+    ch = lb.consistent_hash
+    if ch is None:
+        return
+    if ch.maglev is not None:
+        c.lb_policy = cluster_pb2.Cluster.MAGLEV
+        size = int(ch.maglev.get("tableSize") or 0)
+        if size:
+            c.maglev_lb_config.table_size.value = size
+    elif ch.ring_hash is not None:
+        c.lb_policy = cluster_pb2.Cluster.RING_HASH
+        size = int(ch.ring_hash.get("minimumRingSize") or 0)
+        if size:
+            c.ring_hash_lb_config.minimum_ring_size.value = size
+    else:
+        c.lb_policy = cluster_pb2.Cluster.RING_HASH
+        c.ring_hash_lb_config.minimum_ring_size.value = ch.minimum_ring_size or DEFAULT_MIN_RING_SIZE
+
+
+def _apply_connection_pool(c: cluster_pb2.Cluster, pool: Optional[Dict[str, object]]) -> None:
+    http = (pool or {}).get("http") if isinstance(pool, dict) else None
+    if isinstance(http, dict):
+        max_requests = http.get("http2MaxRequests")
+        if isinstance(max_requests, int) and max_requests > 0:
+            c.circuit_breakers.CopyFrom(
+                circuit_breaker_pb2.CircuitBreakers(
+                    thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(max_requests=wrappers_pb2.UInt32Value(value=max_requests))]
+                )
+            )
+
+
+# --------------------------------------------------------------------------- EDS
+
+
+def build_endpoints(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> List[Resource]:
+    out: List[Resource] = []
+    for name in names:
+        out.append((name, cluster_load_assignment(snap, node, name)))
+    return out
+
+
+def cluster_load_assignment(snap: Snapshot, node: ProxyNode, name: str) -> endpoint_pb2.ClusterLoadAssignment:
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    parsed = parse_subset_key(name)
+    if parsed is None:
+        return cla
+    _, subset_name, hostname, port_num = parsed
+    svc = snap.service(hostname)
+    port = svc.port(port_num) if svc else None
+    if svc is None or port is None:
+        return cla
+    labels: Dict[str, str] = {}
+    if subset_name:
+        dr = snap.destination_rule(hostname, node.namespace, svc.namespace)
+        sub = snap.subset(dr, subset_name)
+        labels = dict(sub.labels) if sub is not None else {}
+    groups: Dict[str, List[endpoint_components_pb2.LbEndpoint]] = {}
+    weights: Dict[str, int] = {}
+    localities = {}
+    for ep in svc.endpoints:
+        if not is_ip(ep.address):
+            continue
+        if any(ep.labels.get(k) != v for k, v in labels.items()):
+            continue
+        key = ep.locality.label
+        localities[key] = ep.locality
+        groups.setdefault(key, []).append(_lb_endpoint(ep, ep.port_for(port), svc))
+        weights[key] = min(weights.get(key, 0) + ep.weight, 2**32 - 1)
+    for key in sorted(groups):
+        loc = localities[key]
+        cla.endpoints.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(region=loc.region, zone=loc.zone, sub_zone=loc.sub_zone),
+                lb_endpoints=groups[key],
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=weights[key]),
+            )
+        )
+    return cla
+
+
+def _lb_endpoint(ep, port: int, svc: Service) -> endpoint_components_pb2.LbEndpoint:
+    lbe = endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(
+            address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ep.address, port_value=port))
+        ),
+        health_status=health_check_pb2.HEALTHY,
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=ep.weight),
+    )
+    fm: Dict[str, struct_pb2.Struct] = {}
+    if ep.labels.get("security.istio.io/tlsMode") == "istio":
+        s = struct_pb2.Struct()
+        s.update({"tlsMode": "istio"})
+        fm["envoy.transport_socket_match"] = s
+    if ep.workload_name:
+        canonical = ep.labels.get("service.istio.io/canonical-name") or ep.labels.get("app") or ep.workload_name
+        revision = ep.labels.get("service.istio.io/canonical-revision") or ep.labels.get("version") or "latest"
+        s = struct_pb2.Struct()
+        s.update({"workload": f"{ep.workload_name};{ep.namespace};{canonical};{revision};Kubernetes"})
+        fm["istio"] = s
+    if fm:
+        lbe.metadata.CopyFrom(base_pb2.Metadata(filter_metadata=fm))
+    return lbe
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def generate(snap: Snapshot, node: ProxyNode, type_url: str, names: Sequence[str], wildcard: bool = False) -> List[Resource]:
+    """All resources of one type for one proxy's subscription."""
+    if type_url == LISTENER_TYPE:
+        return build_listeners(snap, node, names, wildcard)
+    if type_url == ROUTE_TYPE:
+        return build_routes(snap, node, names)
+    if type_url == CLUSTER_TYPE:
+        return [] if wildcard else build_clusters(snap, node, names)
+    if type_url == ENDPOINT_TYPE:
+        return build_endpoints(snap, node, names)
+    return []

@@ -1,0 +1,922 @@
+"""Istio YAML → plain model objects, with Istio-like validation per resource.
+
+The control plane must behave like istiod fed by ``kubectl apply``: a resource
+the API server would reject (unknown field, wrong type, bad enum) is skipped on
+its own with one log line naming file, resource and reason, while every other
+resource keeps working.  Fields we parse but do not translate yet are still
+kept (``raw`` members), so a later change can translate more without
+re-parsing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import yaml
+
+log = logging.getLogger("meshpatch.controlplane")
+
+API_GROUP = "networking.istio.io"
+API_VERSIONS = ("v1", "v1beta1", "v1alpha3")
+DEFAULT_NAMESPACE = "default"
+
+
+class Reject(Exception):
+    """One resource is invalid; the message names the offending field."""
+
+
+class ConfigLoadError(Exception):
+    """A whole file could not be read or parsed (the reload is abandoned)."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    name: str
+    namespace: str
+    labels: Dict[str, str] = field(default_factory=dict)
+    annotations: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A protobuf Duration; Istio YAML writes these as Go durations ("1.5s")."""
+
+    seconds: int
+    nanos: int = 0
+
+    @property
+    def total_seconds(self) -> float:
+        return self.seconds + self.nanos / 1e9
+
+
+@dataclass
+class ServicePort:
+    number: int
+    name: str
+    protocol: str = ""
+    target_port: Optional[int] = None
+
+
+@dataclass
+class WorkloadSpec:
+    """Istio's WorkloadEntry message: inline ServiceEntry endpoint or a WorkloadEntry's spec."""
+
+    address: str = ""
+    ports: Dict[str, int] = field(default_factory=dict)
+    labels: Dict[str, str] = field(default_factory=dict)
+    network: str = ""
+    locality: str = ""
+    weight: int = 0
+    service_account: str = ""
+
+
+@dataclass
+class ServiceEntry:
+    meta: ObjectMeta
+    hosts: List[str]
+    addresses: List[str] = field(default_factory=list)
+    ports: List[ServicePort] = field(default_factory=list)
+    location: str = "MESH_EXTERNAL"
+    resolution: str = "NONE"
+    endpoints: List[WorkloadSpec] = field(default_factory=list)
+    workload_selector: Optional[Dict[str, str]] = None
+    export_to: List[str] = field(default_factory=list)
+    subject_alt_names: List[str] = field(default_factory=list)
+    source: str = ""
+
+
+@dataclass
+class WorkloadEntry:
+    meta: ObjectMeta
+    spec: WorkloadSpec
+    source: str = ""
+
+
+@dataclass
+class StringMatch:
+    kind: str  # "exact" | "prefix" | "regex"; "" = empty match (present_match)
+    value: str = ""
+
+
+@dataclass
+class HTTPMatchRequest:
+    name: str = ""
+    uri: Optional[StringMatch] = None
+    scheme: Optional[StringMatch] = None
+    method: Optional[StringMatch] = None
+    authority: Optional[StringMatch] = None
+    headers: Dict[str, StringMatch] = field(default_factory=dict)
+    without_headers: Dict[str, StringMatch] = field(default_factory=dict)
+    query_params: Dict[str, StringMatch] = field(default_factory=dict)
+    ignore_uri_case: bool = False
+    port: int = 0
+    source_labels: Dict[str, str] = field(default_factory=dict)
+    source_namespace: str = ""
+    gateways: List[str] = field(default_factory=list)
+    stat_prefix: str = ""
+
+
+@dataclass
+class Destination:
+    host: str
+    subset: str = ""
+    port: int = 0
+
+
+@dataclass
+class HTTPRouteDestination:
+    destination: Destination
+    weight: int = 0
+    headers: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class HTTPRetry:
+    attempts: int = 0
+    per_try_timeout: Optional[Duration] = None
+    retry_on: str = ""
+    retry_remote_localities: Optional[bool] = None
+    retry_ignore_previous_hosts: Optional[bool] = None
+    backoff: Optional[Duration] = None
+
+
+@dataclass
+class FaultDelay:
+    fixed_delay: Optional[Duration] = None
+    percentage: Optional[float] = None
+    percent: Optional[int] = None
+    exponential: bool = False
+
+
+@dataclass
+class FaultAbort:
+    http_status: Optional[int] = None
+    grpc_status: Optional[str] = None
+    percentage: Optional[float] = None
+
+
+@dataclass
+class HTTPFaultInjection:
+    delay: Optional[FaultDelay] = None
+    abort: Optional[FaultAbort] = None
+
+
+@dataclass
+class HTTPRoute:
+    name: str = ""
+    match: List[HTTPMatchRequest] = field(default_factory=list)
+    route: List[HTTPRouteDestination] = field(default_factory=list)
+    timeout: Optional[Duration] = None
+    retries: Optional[HTTPRetry] = None
+    fault: Optional[HTTPFaultInjection] = None
+    # Parsed but not translated yet (kept for later issues).
+    redirect: Optional[Dict[str, Any]] = None
+    direct_response: Optional[Dict[str, Any]] = None
+    delegate: Optional[Dict[str, Any]] = None
+    rewrite: Optional[Dict[str, Any]] = None
+    headers: Optional[Dict[str, Any]] = None
+    mirror: Optional[Dict[str, Any]] = None
+    mirrors: Optional[List[Any]] = None
+    cors_policy: Optional[Dict[str, Any]] = None
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VirtualService:
+    meta: ObjectMeta
+    hosts: List[str]
+    gateways: List[str] = field(default_factory=list)
+    http: List[HTTPRoute] = field(default_factory=list)
+    export_to: List[str] = field(default_factory=list)
+    raw_tls: Optional[List[Any]] = None
+    raw_tcp: Optional[List[Any]] = None
+    source: str = ""
+
+
+@dataclass
+class ConsistentHash:
+    http_header_name: str = ""
+    http_cookie: Optional[Dict[str, Any]] = None
+    use_source_ip: bool = False
+    http_query_parameter_name: str = ""
+    ring_hash: Optional[Dict[str, Any]] = None
+    maglev: Optional[Dict[str, Any]] = None
+    minimum_ring_size: int = 0
+
+    @property
+    def hash_key_kind(self) -> str:
+        if self.http_header_name:
+            return "header"
+        if self.http_cookie is not None:
+            return "cookie"
+        if self.use_source_ip:
+            return "source_ip"
+        if self.http_query_parameter_name:
+            return "query"
+        return ""
+
+
+@dataclass
+class LoadBalancerSettings:
+    simple: str = ""  # "" = UNSPECIFIED
+    consistent_hash: Optional[ConsistentHash] = None
+    locality_lb_setting: Optional[Dict[str, Any]] = None
+    warmup_duration_secs: Optional[str] = None
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PortTrafficPolicy:
+    port: int
+    load_balancer: Optional[LoadBalancerSettings] = None
+    connection_pool: Optional[Dict[str, Any]] = None
+    outlier_detection: Optional[Dict[str, Any]] = None
+    tls: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class TrafficPolicy:
+    load_balancer: Optional[LoadBalancerSettings] = None
+    connection_pool: Optional[Dict[str, Any]] = None
+    outlier_detection: Optional[Dict[str, Any]] = None
+    tls: Optional[Dict[str, Any]] = None
+    port_level_settings: List[PortTrafficPolicy] = field(default_factory=list)
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Subset:
+    name: str
+    labels: Dict[str, str] = field(default_factory=dict)
+    traffic_policy: Optional[TrafficPolicy] = None
+
+
+@dataclass
+class DestinationRule:
+    meta: ObjectMeta
+    host: str
+    traffic_policy: Optional[TrafficPolicy] = None
+    subsets: List[Subset] = field(default_factory=list)
+    export_to: List[str] = field(default_factory=list)
+    workload_selector: Optional[Dict[str, str]] = None
+    source: str = ""
+
+
+@dataclass
+class IstioConfig:
+    """Everything one load produced, in file/document order."""
+
+    service_entries: List[ServiceEntry] = field(default_factory=list)
+    workload_entries: List[WorkloadEntry] = field(default_factory=list)
+    destination_rules: List[DestinationRule] = field(default_factory=list)
+    virtual_services: List[VirtualService] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return (
+            len(self.service_entries)
+            + len(self.workload_entries)
+            + len(self.destination_rules)
+            + len(self.virtual_services)
+        )
+
+
+# --------------------------------------------------------------------------- field helpers
+
+
+def _obj(v: Any, path: str, allowed: Iterable[str]) -> Dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise Reject(f"{path}: expected an object, got {type(v).__name__}")
+    allowed_set = set(allowed)
+    for k in v:
+        if k not in allowed_set:
+            raise Reject(f"unknown field {path}.{k}")
+    return v
+
+
+def _str(v: Any, path: str, default: str = "") -> str:
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise Reject(f"{path}: expected a string, got {type(v).__name__}")
+    return v
+
+
+def _int(v: Any, path: str, lo: int = 0, hi: int = 2**32 - 1, default: int = 0) -> int:
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise Reject(f"{path}: expected an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise Reject(f"{path}: {v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def _bool(v: Any, path: str) -> bool:
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise Reject(f"{path}: expected true/false, got {v!r}")
+    return v
+
+
+def _opt_bool(v: Any, path: str) -> Optional[bool]:
+    return None if v is None else _bool(v, path)
+
+
+def _list(v: Any, path: str) -> List[Any]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise Reject(f"{path}: expected a list, got {type(v).__name__}")
+    return v
+
+
+def _str_list(v: Any, path: str) -> List[str]:
+    return [_str(x, f"{path}[{i}]") for i, x in enumerate(_list(v, path))]
+
+
+def _str_map(v: Any, path: str) -> Dict[str, str]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise Reject(f"{path}: expected a map of strings, got {type(v).__name__}")
+    out: Dict[str, str] = {}
+    for k, x in v.items():
+        if not isinstance(k, str):
+            raise Reject(f"{path}: key {k!r} is not a string")
+        if not isinstance(x, str):
+            raise Reject(f"{path}.{k}: expected a string (quote it), got {x!r}")
+        out[k] = x
+    return out
+
+
+def _opaque(v: Any, path: str) -> Optional[Dict[str, Any]]:
+    """A sub-message we keep but do not translate: only its type is checked."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise Reject(f"{path}: expected an object, got {type(v).__name__}")
+    return v
+
+
+def _enum(v: Any, path: str, values: Iterable[str], default: str) -> str:
+    s = _str(v, path, default)
+    allowed = tuple(values)
+    if s not in allowed:
+        raise Reject(f"{path}: {s!r} is not one of {', '.join(allowed)}")
+    return s
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+
+
+def parse_duration(v: Any, path: str) -> Optional[Duration]:
+    """Go duration syntax ("1h2m", "1.5s", "250ms"), which is what Istio accepts."""
+    if v is None:
+        return None
+    s = _str(v, path).strip()
+    if s in ("0", ""):
+        return Duration(0, 0)
+    pos = 0
+    total = 0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if not m:
+            raise Reject(f"{path}: {s!r} is not a duration (use e.g. 1.5s, 250ms, 1m)")
+        num, unit = m.group(1), m.group(2)
+        whole, _, frac = num.partition(".")
+        ns = int(whole or "0") * _UNIT_NS[unit]
+        if frac:
+            ns += int(frac) * _UNIT_NS[unit] // (10 ** len(frac))
+        total += ns
+        pos = m.end()
+    return Duration(total // 10**9, total % 10**9)
+
+
+# --------------------------------------------------------------------------- per-kind parsers
+
+
+def _meta(doc: Dict[str, Any]) -> ObjectMeta:
+    md = doc.get("metadata")
+    if md is None:
+        raise Reject("metadata.name is required")
+    if not isinstance(md, dict):
+        raise Reject("metadata: expected an object")
+    name = _str(md.get("name"), "metadata.name")
+    if not name:
+        raise Reject("metadata.name is required")
+    ns = _str(md.get("namespace"), "metadata.namespace") or DEFAULT_NAMESPACE
+    labels = _str_map(md.get("labels"), "metadata.labels")
+    annotations = _str_map(md.get("annotations"), "metadata.annotations")
+    return ObjectMeta(name=name, namespace=ns, labels=labels, annotations=annotations)
+
+
+_WORKLOAD_FIELDS = ("address", "ports", "labels", "network", "locality", "weight", "serviceAccount")
+
+
+def _workload(v: Any, path: str) -> WorkloadSpec:
+    d = _obj(v, path, _WORKLOAD_FIELDS)
+    ports_raw = d.get("ports")
+    ports: Dict[str, int] = {}
+    if ports_raw is not None:
+        if not isinstance(ports_raw, dict):
+            raise Reject(f"{path}.ports: expected a map of port name to number")
+        for k, p in ports_raw.items():
+            ports[str(k)] = _int(p, f"{path}.ports.{k}", 1, 65535)
+    return WorkloadSpec(
+        address=_str(d.get("address"), f"{path}.address"),
+        ports=ports,
+        labels=_str_map(d.get("labels"), f"{path}.labels"),
+        network=_str(d.get("network"), f"{path}.network"),
+        locality=_str(d.get("locality"), f"{path}.locality"),
+        weight=_int(d.get("weight"), f"{path}.weight"),
+        service_account=_str(d.get("serviceAccount"), f"{path}.serviceAccount"),
+    )
+
+
+def _selector(v: Any, path: str) -> Optional[Dict[str, str]]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("labels",))
+    return _str_map(d.get("labels"), f"{path}.labels")
+
+
+def parse_service_entry(meta: ObjectMeta, spec: Dict[str, Any]) -> ServiceEntry:
+    s = _obj(
+        spec,
+        "spec",
+        ("hosts", "addresses", "ports", "location", "resolution", "endpoints", "workloadSelector", "exportTo", "subjectAltNames"),
+    )
+    hosts = _str_list(s.get("hosts"), "spec.hosts")
+    if not hosts:
+        raise Reject("spec.hosts: at least one host is required")
+    for i, h in enumerate(hosts):
+        if not h or h != h.strip() or "/" in h:
+            raise Reject(f"spec.hosts[{i}]: {h!r} is not a valid host")
+    ports: List[ServicePort] = []
+    seen_numbers = set()
+    for i, p in enumerate(_list(s.get("ports"), "spec.ports")):
+        path = f"spec.ports[{i}]"
+        pd = _obj(p, path, ("number", "protocol", "name", "targetPort"))
+        number = _int(pd.get("number"), f"{path}.number", 1, 65535)
+        if not number:
+            raise Reject(f"{path}.number is required")
+        if number in seen_numbers:
+            raise Reject(f"{path}.number: port {number} is listed twice")
+        seen_numbers.add(number)
+        target = pd.get("targetPort")
+        ports.append(
+            ServicePort(
+                number=number,
+                name=_str(pd.get("name"), f"{path}.name") or f"port-{number}",
+                protocol=_str(pd.get("protocol"), f"{path}.protocol").upper(),
+                target_port=_int(target, f"{path}.targetPort", 1, 65535) if target is not None else None,
+            )
+        )
+    endpoints = [_workload(e, f"spec.endpoints[{i}]") for i, e in enumerate(_list(s.get("endpoints"), "spec.endpoints"))]
+    selector = _selector(s.get("workloadSelector"), "spec.workloadSelector")
+    if selector is not None and endpoints:
+        raise Reject("spec: only one of endpoints or workloadSelector can be set")
+    return ServiceEntry(
+        meta=meta,
+        hosts=hosts,
+        addresses=_str_list(s.get("addresses"), "spec.addresses"),
+        ports=ports,
+        location=_enum(s.get("location"), "spec.location", ("MESH_EXTERNAL", "MESH_INTERNAL"), "MESH_EXTERNAL"),
+        resolution=_enum(s.get("resolution"), "spec.resolution", ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"), "NONE"),
+        endpoints=endpoints,
+        workload_selector=selector,
+        export_to=_str_list(s.get("exportTo"), "spec.exportTo"),
+        subject_alt_names=_str_list(s.get("subjectAltNames"), "spec.subjectAltNames"),
+    )
+
+
+def parse_workload_entry(meta: ObjectMeta, spec: Dict[str, Any]) -> WorkloadEntry:
+    w = _workload(spec, "spec")
+    if not w.address:
+        raise Reject("spec.address is required")
+    return WorkloadEntry(meta=meta, spec=w)
+
+
+def _string_match(v: Any, path: str) -> StringMatch:
+    d = _obj(v, path, ("exact", "prefix", "regex"))
+    set_keys = [k for k in ("exact", "prefix", "regex") if d.get(k) is not None]
+    if len(set_keys) > 1:
+        raise Reject(f"{path}: only one of exact, prefix, regex may be set")
+    if not set_keys:
+        return StringMatch("")
+    k = set_keys[0]
+    value = _str(d[k], f"{path}.{k}")
+    if k == "regex" and value != "*":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise Reject(f"{path}.regex: invalid regular expression {value!r}: {exc}") from None
+    return StringMatch(k, value)
+
+
+def _string_match_map(v: Any, path: str) -> Dict[str, StringMatch]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise Reject(f"{path}: expected a map of header name to match")
+    return {str(k): _string_match(x, f"{path}.{k}") for k, x in v.items()}
+
+
+_MATCH_FIELDS = (
+    "name", "uri", "scheme", "method", "authority", "headers", "port", "sourceLabels", "gateways",
+    "queryParams", "ignoreUriCase", "withoutHeaders", "sourceNamespace", "statPrefix",
+)
+
+
+def _http_match(v: Any, path: str) -> HTTPMatchRequest:
+    d = _obj(v, path, _MATCH_FIELDS)
+
+    def opt(key: str) -> Optional[StringMatch]:
+        return _string_match(d[key], f"{path}.{key}") if d.get(key) is not None else None
+
+    headers = _string_match_map(d.get("headers"), f"{path}.headers")
+    for h in headers:
+        if h.lower() != h:
+            raise Reject(f"{path}.headers: header name {h!r} must be lower case")
+    return HTTPMatchRequest(
+        name=_str(d.get("name"), f"{path}.name"),
+        uri=opt("uri"),
+        scheme=opt("scheme"),
+        method=opt("method"),
+        authority=opt("authority"),
+        headers=headers,
+        without_headers=_string_match_map(d.get("withoutHeaders"), f"{path}.withoutHeaders"),
+        query_params=_string_match_map(d.get("queryParams"), f"{path}.queryParams"),
+        ignore_uri_case=_bool(d.get("ignoreUriCase"), f"{path}.ignoreUriCase"),
+        port=_int(d.get("port"), f"{path}.port", 0, 65535),
+        source_labels=_str_map(d.get("sourceLabels"), f"{path}.sourceLabels"),
+        source_namespace=_str(d.get("sourceNamespace"), f"{path}.sourceNamespace"),
+        gateways=_str_list(d.get("gateways"), f"{path}.gateways"),
+        stat_prefix=_str(d.get("statPrefix"), f"{path}.statPrefix"),
+    )
+
+
+def _destination(v: Any, path: str) -> Destination:
+    d = _obj(v, path, ("host", "subset", "port"))
+    host = _str(d.get("host"), f"{path}.host")
+    if not host:
+        raise Reject(f"{path}.host is required")
+    port = 0
+    if d.get("port") is not None:
+        pd = _obj(d["port"], f"{path}.port", ("number",))
+        port = _int(pd.get("number"), f"{path}.port.number", 0, 65535)
+    return Destination(host=host, subset=_str(d.get("subset"), f"{path}.subset"), port=port)
+
+
+def _percentage(v: Any, path: str) -> Optional[float]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("value",))
+    x = d.get("value", 0.0)
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 100:
+        raise Reject(f"{path}.value: expected a number in [0, 100], got {x!r}")
+    return float(x)
+
+
+def _retries(v: Any, path: str) -> Optional[HTTPRetry]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"))
+    return HTTPRetry(
+        attempts=_int(d.get("attempts"), f"{path}.attempts", -(2**31), 2**31 - 1),
+        per_try_timeout=parse_duration(d.get("perTryTimeout"), f"{path}.perTryTimeout"),
+        retry_on=_str(d.get("retryOn"), f"{path}.retryOn"),
+        retry_remote_localities=_opt_bool(d.get("retryRemoteLocalities"), f"{path}.retryRemoteLocalities"),
+        retry_ignore_previous_hosts=_opt_bool(d.get("retryIgnorePreviousHosts"), f"{path}.retryIgnorePreviousHosts"),
+        backoff=parse_duration(d.get("backoff"), f"{path}.backoff"),
+    )
+
+
+def _fault(v: Any, path: str) -> Optional[HTTPFaultInjection]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("delay", "abort"))
+    out = HTTPFaultInjection()
+    if d.get("delay") is not None:
+        dp = f"{path}.delay"
+        dd = _obj(d["delay"], dp, ("fixedDelay", "exponentialDelay", "percentage", "percent"))
+        out.delay = FaultDelay(
+            fixed_delay=parse_duration(dd.get("fixedDelay"), f"{dp}.fixedDelay"),
+            percentage=_percentage(dd.get("percentage"), f"{dp}.percentage"),
+            percent=_int(dd.get("percent"), f"{dp}.percent", 0, 100) if dd.get("percent") is not None else None,
+            exponential=dd.get("exponentialDelay") is not None,
+        )
+    if d.get("abort") is not None:
+        ap = f"{path}.abort"
+        ad = _obj(d["abort"], ap, ("httpStatus", "grpcStatus", "http2Error", "percentage"))
+        out.abort = FaultAbort(
+            http_status=_int(ad.get("httpStatus"), f"{ap}.httpStatus", 200, 599) if ad.get("httpStatus") is not None else None,
+            grpc_status=_str(ad.get("grpcStatus"), f"{ap}.grpcStatus") or None,
+            percentage=_percentage(ad.get("percentage"), f"{ap}.percentage"),
+        )
+    return out
+
+
+_HTTP_ROUTE_FIELDS = (
+    "name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries",
+    "fault", "mirror", "mirrors", "mirrorPercent", "mirrorPercentage", "mirror_percent", "corsPolicy", "headers",
+)
+
+
+def _http_route(v: Any, path: str) -> HTTPRoute:
+    d = _obj(v, path, _HTTP_ROUTE_FIELDS)
+    dests: List[HTTPRouteDestination] = []
+    for i, r in enumerate(_list(d.get("route"), f"{path}.route")):
+        rp = f"{path}.route[{i}]"
+        rd = _obj(r, rp, ("destination", "weight", "headers"))
+        if rd.get("destination") is None:
+            raise Reject(f"{rp}.destination is required")
+        dests.append(
+            HTTPRouteDestination(
+                destination=_destination(rd["destination"], f"{rp}.destination"),
+                weight=_int(rd.get("weight"), f"{rp}.weight", 0, 2**31 - 1),
+                headers=_opaque(rd.get("headers"), f"{rp}.headers"),
+            )
+        )
+    route = HTTPRoute(
+        name=_str(d.get("name"), f"{path}.name"),
+        match=[_http_match(m, f"{path}.match[{i}]") for i, m in enumerate(_list(d.get("match"), f"{path}.match"))],
+        route=dests,
+        timeout=parse_duration(d.get("timeout"), f"{path}.timeout"),
+        retries=_retries(d.get("retries"), f"{path}.retries"),
+        fault=_fault(d.get("fault"), f"{path}.fault"),
+        redirect=_opaque(d.get("redirect"), f"{path}.redirect"),
+        direct_response=_opaque(d.get("directResponse"), f"{path}.directResponse"),
+        delegate=_opaque(d.get("delegate"), f"{path}.delegate"),
+        rewrite=_opaque(d.get("rewrite"), f"{path}.rewrite"),
+        headers=_opaque(d.get("headers"), f"{path}.headers"),
+        mirror=_opaque(d.get("mirror"), f"{path}.mirror"),
+        mirrors=_list(d.get("mirrors"), f"{path}.mirrors") or None,
+        cors_policy=_opaque(d.get("corsPolicy"), f"{path}.corsPolicy"),
+        raw=dict(d),
+    )
+    if not (route.route or route.redirect or route.direct_response or route.delegate):
+        raise Reject(f"{path}: one of route, redirect, directResponse or delegate is required")
+    return route
+
+
+def parse_virtual_service(meta: ObjectMeta, spec: Dict[str, Any]) -> VirtualService:
+    s = _obj(spec, "spec", ("hosts", "gateways", "http", "tls", "tcp", "exportTo"))
+    hosts = _str_list(s.get("hosts"), "spec.hosts")
+    if not hosts:
+        raise Reject("spec.hosts: at least one host is required")
+    return VirtualService(
+        meta=meta,
+        hosts=hosts,
+        gateways=_str_list(s.get("gateways"), "spec.gateways"),
+        http=[_http_route(h, f"spec.http[{i}]") for i, h in enumerate(_list(s.get("http"), "spec.http"))],
+        export_to=_str_list(s.get("exportTo"), "spec.exportTo"),
+        raw_tls=_list(s.get("tls"), "spec.tls") or None,
+        raw_tcp=_list(s.get("tcp"), "spec.tcp") or None,
+    )
+
+
+_LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
+
+
+def _load_balancer(v: Any, path: str) -> Optional[LoadBalancerSettings]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"))
+    if d.get("simple") is not None and d.get("consistentHash") is not None:
+        raise Reject(f"{path}: only one of simple or consistentHash may be set")
+    simple = _enum(d.get("simple"), f"{path}.simple", _LB_SIMPLE, "UNSPECIFIED")
+    if simple == "UNSPECIFIED":
+        simple = ""
+    ch = None
+    if d.get("consistentHash") is not None:
+        cp = f"{path}.consistentHash"
+        cd = _obj(
+            d["consistentHash"], cp,
+            ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName", "ringHash", "maglev", "minimumRingSize"),
+        )
+        cookie = None
+        if cd.get("httpCookie") is not None:
+            cookie = _obj(cd["httpCookie"], f"{cp}.httpCookie", ("name", "path", "ttl", "attributes"))
+            if not _str(cookie.get("name"), f"{cp}.httpCookie.name"):
+                raise Reject(f"{cp}.httpCookie.name is required")
+            parse_duration(cookie.get("ttl"), f"{cp}.httpCookie.ttl")
+        ring = _obj(cd["ringHash"], f"{cp}.ringHash", ("minimumRingSize",)) if cd.get("ringHash") is not None else None
+        maglev = _obj(cd["maglev"], f"{cp}.maglev", ("tableSize",)) if cd.get("maglev") is not None else None
+        if ring is not None and maglev is not None:
+            raise Reject(f"{cp}: only one of ringHash or maglev may be set")
+        ch = ConsistentHash(
+            http_header_name=_str(cd.get("httpHeaderName"), f"{cp}.httpHeaderName"),
+            http_cookie=cookie,
+            use_source_ip=_bool(cd.get("useSourceIp"), f"{cp}.useSourceIp"),
+            http_query_parameter_name=_str(cd.get("httpQueryParameterName"), f"{cp}.httpQueryParameterName"),
+            ring_hash=ring,
+            maglev=maglev,
+            minimum_ring_size=_int(cd.get("minimumRingSize"), f"{cp}.minimumRingSize", 0, 2**63 - 1),
+        )
+        if ring is not None:
+            _int(ring.get("minimumRingSize"), f"{cp}.ringHash.minimumRingSize", 0, 2**63 - 1)
+        if maglev is not None:
+            _int(maglev.get("tableSize"), f"{cp}.maglev.tableSize", 0, 2**63 - 1)
+    return LoadBalancerSettings(
+        simple=simple,
+        consistent_hash=ch,
+        locality_lb_setting=_opaque(d.get("localityLbSetting"), f"{path}.localityLbSetting"),
+        warmup_duration_secs=_str(d.get("warmupDurationSecs"), f"{path}.warmupDurationSecs") or None,
+        raw=dict(d),
+    )
+
+
+def _traffic_policy(v: Any, path: str, allow_port_level: bool = True) -> Optional[TrafficPolicy]:
+    if v is None:
+        return None
+    fields_ = ["loadBalancer", "connectionPool", "outlierDetection", "tls", "tunnel", "proxyProtocol", "retryBudget"]
+    if allow_port_level:
+        fields_.append("portLevelSettings")
+    d = _obj(v, path, fields_)
+    pls: List[PortTrafficPolicy] = []
+    for i, p in enumerate(_list(d.get("portLevelSettings"), f"{path}.portLevelSettings")):
+        pp = f"{path}.portLevelSettings[{i}]"
+        pd = _obj(p, pp, ("port", "loadBalancer", "connectionPool", "outlierDetection", "tls"))
+        port_d = _obj(pd.get("port"), f"{pp}.port", ("number",))
+        number = _int(port_d.get("number"), f"{pp}.port.number", 0, 65535)
+        if not number:
+            raise Reject(f"{pp}.port.number is required")
+        pls.append(
+            PortTrafficPolicy(
+                port=number,
+                load_balancer=_load_balancer(pd.get("loadBalancer"), f"{pp}.loadBalancer"),
+                connection_pool=_connection_pool(pd.get("connectionPool"), f"{pp}.connectionPool"),
+                outlier_detection=_opaque(pd.get("outlierDetection"), f"{pp}.outlierDetection"),
+                tls=_opaque(pd.get("tls"), f"{pp}.tls"),
+            )
+        )
+    return TrafficPolicy(
+        load_balancer=_load_balancer(d.get("loadBalancer"), f"{path}.loadBalancer"),
+        connection_pool=_connection_pool(d.get("connectionPool"), f"{path}.connectionPool"),
+        outlier_detection=_opaque(d.get("outlierDetection"), f"{path}.outlierDetection"),
+        tls=_opaque(d.get("tls"), f"{path}.tls"),
+        port_level_settings=pls,
+        raw=dict(d),
+    )
+
+
+def _connection_pool(v: Any, path: str) -> Optional[Dict[str, Any]]:
+    d = _opaque(v, path)
+    if d is None:
+        return None
+    _obj(d, path, ("tcp", "http"))
+    http = _opaque(d.get("http"), f"{path}.http")
+    if http is not None and http.get("http2MaxRequests") is not None:
+        _int(http.get("http2MaxRequests"), f"{path}.http.http2MaxRequests", 0, 2**31 - 1)
+    return d
+
+
+def parse_destination_rule(meta: ObjectMeta, spec: Dict[str, Any]) -> DestinationRule:
+    s = _obj(spec, "spec", ("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"))
+    host = _str(s.get("host"), "spec.host")
+    if not host:
+        raise Reject("spec.host is required")
+    subsets: List[Subset] = []
+    names = set()
+    for i, sub in enumerate(_list(s.get("subsets"), "spec.subsets")):
+        sp = f"spec.subsets[{i}]"
+        sd = _obj(sub, sp, ("name", "labels", "trafficPolicy"))
+        name = _str(sd.get("name"), f"{sp}.name")
+        if not name:
+            raise Reject(f"{sp}.name is required")
+        if name in names:
+            raise Reject(f"{sp}.name: subset {name!r} is defined twice")
+        names.add(name)
+        subsets.append(
+            Subset(
+                name=name,
+                labels=_str_map(sd.get("labels"), f"{sp}.labels"),
+                traffic_policy=_traffic_policy(sd.get("trafficPolicy"), f"{sp}.trafficPolicy"),
+            )
+        )
+    return DestinationRule(
+        meta=meta,
+        host=host,
+        traffic_policy=_traffic_policy(s.get("trafficPolicy"), "spec.trafficPolicy"),
+        subsets=subsets,
+        export_to=_str_list(s.get("exportTo"), "spec.exportTo"),
+        workload_selector=_selector(s.get("workloadSelector"), "spec.workloadSelector"),
+    )
+
+
+_PARSERS: Mapping[str, Callable[[ObjectMeta, Dict[str, Any]], Any]] = {
+    "ServiceEntry": parse_service_entry,
+    "WorkloadEntry": parse_workload_entry,
+    "DestinationRule": parse_destination_rule,
+    "VirtualService": parse_virtual_service,
+}
+_TOP_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
+
+
+# --------------------------------------------------------------------------- documents → config
+
+
+def _describe(doc: Any) -> str:
+    if not isinstance(doc, dict):
+        return "document"
+    kind = doc.get("kind") or "resource"
+    md = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    name = md.get("name") or "<unnamed>"
+    ns = md.get("namespace") or DEFAULT_NAMESPACE
+    return f"{kind} {ns}/{name}"
+
+
+def _add(config: IstioConfig, doc: Any, source: str) -> None:
+    """Parse one document into ``config``; an invalid one is logged and skipped."""
+    if doc is None:
+        return
+    what = _describe(doc)
+    try:
+        if not isinstance(doc, dict):
+            raise Reject(f"expected a mapping, got {type(doc).__name__}")
+        if doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            for item in doc["items"]:
+                _add(config, item, source)
+            return
+        kind = doc.get("kind")
+        if kind not in _PARSERS:
+            raise Reject(f"unsupported kind {kind!r} (supported: {', '.join(_PARSERS)})")
+        api_version = doc.get("apiVersion")
+        group, _, version = str(api_version).partition("/")
+        if group != API_GROUP or version not in API_VERSIONS:
+            raise Reject(
+                f"apiVersion {api_version!r} is not {API_GROUP}/" + "|".join(API_VERSIONS)
+            )
+        _obj(doc, "", _TOP_FIELDS)
+        meta = _meta(doc)
+        spec = doc.get("spec")
+        if spec is None:
+            raise Reject("spec is required")
+        obj = _PARSERS[kind](meta, spec)
+    except Reject as exc:
+        msg = f"skipped {what} in {source}: {str(exc).replace('unknown field .', 'unknown field ')}"
+        config.skipped.append(msg)
+        log.warning("meshpatch control plane: %s", msg)
+        return
+    obj.source = source
+    if isinstance(obj, ServiceEntry):
+        config.service_entries.append(obj)
+    elif isinstance(obj, WorkloadEntry):
+        config.workload_entries.append(obj)
+    elif isinstance(obj, DestinationRule):
+        config.destination_rules.append(obj)
+    else:
+        config.virtual_services.append(obj)
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def parse_yaml_text(text: str, source: str = "<string>", into: Optional[IstioConfig] = None) -> IstioConfig:
+    """Parse multi-document YAML.  A YAML syntax error fails the whole text
+    (raises :class:`ConfigLoadError`): half a file is not a config to serve."""
+    config = into if into is not None else IstioConfig()
+    try:
+        docs = list(yaml.load_all(text, Loader=_Loader))
+    except yaml.YAMLError as exc:
+        raise ConfigLoadError(f"{source}: invalid YAML: {exc}".replace("\n", " ")) from None
+    for i, doc in enumerate(docs):
+        _add(config, doc, f"{source} (document {i + 1})")
+    return config
+
+
+def parse_files(paths: Iterable[str]) -> IstioConfig:
+    config = IstioConfig()
+    for p in paths:
+        try:
+            with open(p, "r", encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigLoadError(f"{p}: cannot read: {exc}") from None
+        parse_yaml_text(text, p, into=config)
+    return config
+
+
+def split_host_port(hostport: str) -> Tuple[str, Optional[str]]:
+    """``net.SplitHostPort`` semantics: ``host:port`` or ``[v6]:port``; no port → (s, None)."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end > 0 and hostport[end + 1 : end + 2] == ":":
+            return hostport[1:end], hostport[end + 2 :]
+        return hostport, None
+    if hostport.count(":") != 1:
+        return hostport, None
+    host, port = hostport.split(":")
+    return host, port
