@@ -1,0 +1,1 @@
+"""Reusable helpers for meshpatch tests (real servers, real xDS; no mocks)."""
