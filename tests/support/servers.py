@@ -382,3 +382,57 @@ def is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+# -- patched apps -----------------------------------------------------------------
+
+
+class AppRun:
+    """The outcome of :func:`run_app`: exit code, output, and the JSON the app
+    printed on a line starting with ``RESULT `` (None if it printed none)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.result: Any = None
+        for line in stdout.splitlines():
+            if line.startswith("RESULT "):
+                self.result = json.loads(line[len("RESULT "):])
+
+    def __repr__(self) -> str:
+        return f"AppRun(rc={self.returncode}, stdout={self.stdout[-2000:]!r}, stderr={self.stderr[-4000:]!r})"
+
+
+def venv_bin() -> str:
+    """The bin dir of the interpreter running the tests (its meshpatch-run is the one under test)."""
+    import sys
+
+    return os.path.dirname(sys.executable)
+
+
+def app_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The test process's environment without any meshpatch settings or
+    PYTHONPATH, with the venv's bin dir first on PATH, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPATCH_") and k != "PYTHONPATH"}
+    env["PATH"] = venv_bin() + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def run_app(code: str, env: Optional[Dict[str, str]] = None, *, patched: bool = True, timeout: float = 60,
+            python_args: Sequence[str] = (), cwd: Optional[str] = None) -> AppRun:
+    """Run ``code`` as an unmodified app: ``meshpatch-run python -c CODE`` (or
+    plain ``python -c CODE`` with ``patched=False``) in a scratch directory, so
+    the source tree can never shadow the installed package.  ``env`` is added to
+    :func:`app_env`.  The app reports by printing ``RESULT <json>``."""
+    import subprocess
+
+    python = os.path.join(venv_bin(), "python")
+    command = [python, *python_args, "-c", code]
+    if patched:
+        command = [os.path.join(venv_bin(), "meshpatch-run"), *command]
+    with tempfile.TemporaryDirectory(prefix="meshpatch-app-") as scratch:
+        proc = subprocess.run(command, env=app_env(env), cwd=cwd or scratch, capture_output=True, text=True,
+                              timeout=timeout)
+    return AppRun(proc.returncode, proc.stdout, proc.stderr)
