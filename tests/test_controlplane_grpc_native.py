@@ -21,9 +21,7 @@ import grpc
 import pytest
 from scipy.stats import chisquare
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support under --import-mode=importlib
-
-from tests.support.controlplane import RDS, ControlPlane, control_plane, write_bootstrap  # noqa: E402
+from tests.support.controlplane import LDS, RDS, ControlPlane, control_plane, write_bootstrap
 
 CLIENT = r"""
 import json, sys
@@ -39,7 +37,8 @@ for line in sys.stdin:
     counts = Counter()
     for _ in range(cmd["n"]):
         try:
-            counts[call(b"ping", timeout=10, wait_for_ready=True, metadata=cmd.get("md") or None).decode()] += 1
+            reply = call(b"ping", timeout=cmd.get("timeout", 10), wait_for_ready=True, metadata=cmd.get("md") or None)
+            counts[reply.decode()] += 1
         except grpc.RpcError as exc:
             counts["error:" + exc.code().name] += 1
     print(json.dumps(counts), flush=True)
@@ -109,9 +108,9 @@ class XdsClientProcess:
             text=True, env=env,
         )
 
-    def calls(self, target: str, n: int, md: Optional[List[Tuple[str, str]]] = None) -> Counter:
+    def calls(self, target: str, n: int, md: Optional[List[Tuple[str, str]]] = None, timeout: float = 10) -> Counter:
         assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps({"target": target, "n": n, "md": md}) + "\n")
+        self.proc.stdin.write(json.dumps({"target": target, "n": n, "md": md, "timeout": timeout}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -185,3 +184,23 @@ def test_native_grpc_short_name_and_reload_push(mesh) -> None:
     assert gen == cp.server.generation
     assert client.calls("xds:///echo:7070", 50) == Counter({"v2": 50})
     assert cp.server.nacks == 0, cp.server.nack_errors
+
+
+def test_native_grpc_client_nack_is_recorded_with_reason(mesh) -> None:
+    """grpcio (C-core) rejects LEAST_REQUEST clusters (xds-istio.md §2): the NACK
+    must reach the control plane's counters with the client's reason."""
+    cp, client, (p1, p2) = mesh
+    assert client.calls("xds:///echo.default.svc.cluster.local:7070", 20).keys() <= {"v1", "v2"}
+    assert cp.server.nacks == 0
+    cp.write(_mesh_yaml(p1, p2) + """
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo-lr, namespace: default}
+spec:
+  host: echo.default.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+""")
+    assert cp.server.wait_for(lambda: cp.server.nacks >= 1, timeout=5), cp.server.stats()
+    assert any(t.endswith("Cluster") for t, _ in cp.server.nack_errors)
+    assert "lb" in cp.server.last_nack_error.lower(), cp.server.last_nack_error
