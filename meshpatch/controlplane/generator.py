@@ -3,14 +3,14 @@
 Mirrors ``pilot/pkg/networking/grpcgen`` (LDS/RDS/CDS) and the EDS endpoint
 builder so that a client which works against this control plane works against
 istiod: names, name expansion and field choices follow istiod even where a
-simpler shape would do (see docs/reference xds-istio.md §3).
+simpler shape would do (shared reference xds-istio.md §3 has the istiod facts).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
@@ -43,7 +43,7 @@ from .istio_config import (
     VirtualService,
     split_host_port,
 )
-from .snapshot import ProxyNode, Service, Snapshot, is_http_or_sniffed, is_ip, resolve_short_name
+from .snapshot import Endpoint, ProxyNode, Service, Snapshot, is_http_or_sniffed, is_ip, resolve_short_name
 
 log = logging.getLogger("meshpatch.controlplane")
 
@@ -810,7 +810,7 @@ def cluster_load_assignment(snap: Snapshot, node: ProxyNode, name: str) -> endpo
     return cla
 
 
-def _lb_endpoint(ep, port: int, svc: Service) -> endpoint_components_pb2.LbEndpoint:
+def _lb_endpoint(ep: Endpoint, port: int, svc: Service) -> endpoint_components_pb2.LbEndpoint:
     lbe = endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(
             address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ep.address, port_value=port))

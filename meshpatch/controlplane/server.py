@@ -68,14 +68,22 @@ class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if ev is _END:
                     return
                 if ev is _PUSH:
-                    responses = stream.handle_push(srv.state())
-                    srv._pushed(stream)
-                else:
+                    state = srv.state()
                     try:
-                        responses = stream.handle_request(ev)  # type: ignore[arg-type]
+                        responses = stream.handle_push(state)
                     except Exception:
-                        log.exception("meshpatch control plane: stream %d: failed to handle request", stream.id)
+                        log.exception("meshpatch control plane: stream %d: failed to build the push", stream.id)
                         responses = []
+                    for r in responses:
+                        yield r
+                    # Only now: the responses have been handed to gRPC for sending.
+                    srv._pushed(stream, state.generation)
+                    continue
+                try:
+                    responses = stream.handle_request(ev)  # type: ignore[arg-type]
+                except Exception:
+                    log.exception("meshpatch control plane: stream %d: failed to handle request", stream.id)
+                    responses = []
                 for r in responses:
                     yield r
         finally:
@@ -312,8 +320,9 @@ class ControlPlaneServer:
             self._cond.notify_all()
         log.info("meshpatch control plane: stream %d (%s) closed", stream.id, stream.node_id or "no node")
 
-    def _pushed(self, stream: SotwStream) -> None:
+    def _pushed(self, stream: SotwStream, generation: int) -> None:
         with self._cond:
+            stream.pushed_generation = max(stream.pushed_generation, generation)
             self._cond.notify_all()
 
     @property

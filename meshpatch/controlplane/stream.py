@@ -86,6 +86,7 @@ class SotwStream:
         self._events = events
         self.node: Optional[ProxyNode] = None
         self.watches: Dict[str, Watch] = {}
+        # Written by the server once a push's responses were handed to gRPC.
         self.pushed_generation = 0
 
     @property
@@ -150,7 +151,6 @@ class SotwStream:
             if watch is None or not watch.active(type_url) or watch.version_sent == state.version:
                 continue
             out.append(self._respond(type_url, state))
-        self.pushed_generation = max(self.pushed_generation, state.generation)
         return out
 
     # ------------------------------------------------------------------ responses
@@ -187,6 +187,6 @@ class SotwStream:
                     "version_acked": w.version_acked,
                     "last_error": w.last_error,
                 }
-                for t, w in self.watches.items()
+                for t, w in list(self.watches.items())  # read from other threads: copy first
             },
         }
