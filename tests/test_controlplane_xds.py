@@ -382,3 +382,30 @@ spec:
     assert r7070["retry_policy"]["retry_host_predicate"]  # default route keeps previous_hosts (istiod passes hash=false)
     r8080 = to_dict(got[f"outbound|8080||{FQDN}"].virtual_hosts[0].routes[0])["route"]
     assert r8080["hash_policy"] == [{"connection_properties": {"source_ip": True}}]
+
+
+def test_service_entry_export_to_limits_visibility() -> None:
+    yaml_text = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: prod}
+spec:
+  hosts: [private.prod.svc.cluster.local]
+  exportTo: ["."]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.9}]
+"""
+    cluster = "outbound|80||private.prod.svc.cluster.local"
+    with ControlPlane(yaml_text) as plane:
+        with AdsClient(plane.address) as other_ns:
+            other_ns.send(LDS, ["private.prod.svc.cluster.local:80"])
+            assert decode(other_ns.recv()) == {}
+            other_ns.send(CDS, [cluster])
+            assert decode(other_ns.recv()) == {}
+            other_ns.send(EDS, [cluster])
+            assert list(decode(other_ns.recv())[cluster].endpoints) == []
+        with AdsClient(plane.address, node_id=node_id_for("prod"), namespace="prod") as same_ns:
+            same_ns.send(LDS, ["private:80"])
+            assert list(decode(same_ns.recv())) == ["private:80"]
+            same_ns.send(EDS, [cluster])
+            assert len(decode(same_ns.recv())[cluster].endpoints) == 1

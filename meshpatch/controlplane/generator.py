@@ -173,7 +173,7 @@ def build_listeners(snap: Snapshot, node: ProxyNode, names: Sequence[str], wildc
     if inbound:
         log.info("meshpatch control plane: inbound (server) listeners are not generated yet: %s", ", ".join(inbound))
     out: List[Resource] = []
-    for svc in snap.services_sorted():
+    for svc in snap.services_sorted(node.namespace):
         if flt is None:
             requested, ports = {svc.hostname}, None
         else:
@@ -224,7 +224,7 @@ def build_routes(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> List[
 def _virtual_hosts(snap: Snapshot, node: ProxyNode, hostname: str, port_number: int) -> List[rc.VirtualHost]:
     """The vhost(s) for ``hostname`` on the route's port (Istio ≥1.31 scopes
     the RouteConfiguration to the requested host)."""
-    svc = snap.service(hostname)
+    svc = snap.service(hostname, node.namespace)
     if svc is None:
         return []
     port = svc.port(port_number)
@@ -691,7 +691,7 @@ def build_clusters(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> Lis
     emitted: Set[str] = set()
     for default_key, requested in groups.items():
         _, _, hostname, port_num = parse_subset_key(default_key)  # type: ignore[misc]
-        svc = snap.service(hostname)
+        svc = snap.service(hostname, node.namespace)
         port = svc.port(port_num) if svc else None
         if svc is None or port is None:
             log.warning("meshpatch control plane: cds for %s: no service port for cluster %s", node.id, default_key)
@@ -777,7 +777,7 @@ def cluster_load_assignment(snap: Snapshot, node: ProxyNode, name: str) -> endpo
     if parsed is None:
         return cla
     _, subset_name, hostname, port_num = parsed
-    svc = snap.service(hostname)
+    svc = snap.service(hostname, node.namespace)
     port = svc.port(port_num) if svc else None
     if svc is None or port is None:
         return cla

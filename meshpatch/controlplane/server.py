@@ -108,6 +108,7 @@ class _Counters(StreamEvents):
             self._s.nacks += 1
             self._s.last_nack_error = error
             self._s.nack_errors.append((type_url, error))
+            del self._s.nack_errors[:-100]  # keep the latest 100
             self._s._cond.notify_all()
 
     def on_stale(self, stream: SotwStream, type_url: str) -> None:

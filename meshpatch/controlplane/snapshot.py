@@ -110,6 +110,10 @@ class Service:
     location: str
     entry: ServiceEntry = field(repr=False, default=None)  # type: ignore[assignment]
 
+    def visible_to(self, namespace: str) -> bool:
+        """ServiceEntry.exportTo (default: every namespace; "~" = none)."""
+        return _exported_to(self.entry.export_to if self.entry else [], self.namespace, namespace)
+
     def port(self, number: int) -> Optional[ServicePort]:
         for p in self.ports:
             if p.number == number:
@@ -234,11 +238,18 @@ class Snapshot:
             ]
         return [_endpoint(w, se.meta.namespace) for w in se.endpoints]
 
-    def service(self, hostname: str) -> Optional[Service]:
-        return self.services.get(hostname)
+    def service(self, hostname: str, proxy_namespace: Optional[str] = None) -> Optional[Service]:
+        """The service for a host; with ``proxy_namespace``, only if exported there."""
+        svc = self.services.get(hostname)
+        if svc is not None and proxy_namespace is not None and not svc.visible_to(proxy_namespace):
+            return None
+        return svc
 
-    def services_sorted(self) -> List[Service]:
-        return [self.services[h] for h in self.hostnames]
+    def services_sorted(self, proxy_namespace: Optional[str] = None) -> List[Service]:
+        out = [self.services[h] for h in self.hostnames]
+        if proxy_namespace is not None:
+            out = [s for s in out if s.visible_to(proxy_namespace)]
+        return out
 
     # ------------------------------------------------------------------ destination rules
 
