@@ -538,3 +538,31 @@ def test_internal_errors_fail_open_and_log_once_per_site(mesh: Mesh) -> None:
     assert r["counts"]["hooks.grpc.pick"] >= 1
     assert run.stderr.count("meshpatch internal error in hooks.requests.send") == 1
     assert run.stderr.count("meshpatch internal error in hooks.httpx.handle_request") == 1
+
+
+# -- objects created before the patch ----------------------------------------------------
+
+
+LATE_ACTIVATION_APP = f"""
+import collections, json, os
+import httpx, requests
+session, client = requests.Session(), httpx.Client()  # made before meshpatch patched anything
+os.environ["MESHPATCH_ENABLED"] = "1"
+import meshpatch.activation as a
+a.activate("late")
+H = "http://{REVIEWS}:9080"
+out = {{
+    "states": a.hook_states(),
+    "requests": collections.Counter(session.get(H + "/late").json()["server"] for _ in range(40)),
+    "httpx": collections.Counter(client.get(H + "/late").json()["server"] for _ in range(40)),
+}}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_sessions_and_clients_made_before_the_patch_are_routed(mesh: Mesh) -> None:
+    r = mesh.run(LATE_ACTIVATION_APP, patched=False).result
+    for name in ("requests", "httpx"):
+        assert r["states"][name]["state"] == "applied"
+        assert "imported before activation" in r["states"][name]["detail"]
+        assert set(r[name]) == {"v1", "v2"} and sum(r[name].values()) == 40
