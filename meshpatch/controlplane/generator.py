@@ -252,8 +252,13 @@ def vhost_domains(svc: Service, port: int, proxy_domain: str) -> List[str]:
     domains += alt_virtual_hosts(svc.hostname, port, proxy_domain)
     if svc.vip and svc.vip != "0.0.0.0":
         domains += [svc.vip, join_host_port(svc.vip, port)]
+    out: List[str] = []
     seen: Set[str] = set()
-    return [d for d in domains if not (d.lower() in seen or seen.add(d.lower()))]  # type: ignore[func-returns-value]
+    for d in domains:
+        if d.lower() not in seen:
+            seen.add(d.lower())
+            out.append(d)
+    return out
 
 
 def alt_virtual_hosts(hostname: str, port: int, proxy_domain: str) -> List[str]:

@@ -272,9 +272,8 @@ class Snapshot:
                     candidates.append((h, dr))
             if not candidates:
                 continue
-            best = max(len(h) if not h.startswith("*") else len(h) - 1000 for h, _ in candidates)
-            chosen = [dr for h, dr in candidates if (len(h) if not h.startswith("*") else len(h) - 1000) == best]
-            return _merge_rules(chosen)
+            best = max(_specificity(h) for h, _ in candidates)
+            return _merge_rules([dr for h, dr in candidates if _specificity(h) == best])
         return None
 
     def subset(self, dr: Optional[DestinationRule], name: str) -> Optional[Subset]:
@@ -309,6 +308,11 @@ class Snapshot:
                     if score > best_score:
                         best, best_score = vs, score
         return best
+
+
+def _specificity(host: str) -> Tuple[int, int]:
+    """Exact hosts beat wildcards; among wildcards the longer suffix wins."""
+    return (0, len(host)) if host.startswith("*") else (1, len(host))
 
 
 def _unique(items: Iterable[str]) -> List[str]:
