@@ -130,8 +130,9 @@ class Mesh:
 
     def run(self, code: str, **kwargs: Any) -> Any:
         run = run_app(textwrap.dedent(code), self.env(), timeout=120, **kwargs)
-        assert run.returncode == 0, run
-        assert run.result is not None, run
+        if run.returncode != 0 or run.result is None:
+            pytest.fail(f"app exited {run.returncode}\n--- stdout ---\n{run.stdout[-3000:]}"
+                        f"\n--- stderr ---\n{run.stderr[-6000:]}", pytrace=False)
         return run
 
 
