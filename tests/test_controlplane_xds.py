@@ -409,3 +409,46 @@ spec:
             assert list(decode(same_ns.recv())) == ["private:80"]
             same_ns.send(EDS, [cluster])
             assert len(decode(same_ns.recv())[cluster].endpoints) == 1
+
+
+def test_destination_rule_lookup_order_and_host_specificity() -> None:
+    yaml_text = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo}}
+spec:
+  hosts: [{FQDN}, side.default.svc.cluster.local]
+  ports: [{{number: 7070, name: grpc, protocol: GRPC}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: wild}}
+spec:
+  host: "*.default.svc.cluster.local"
+  trafficPolicy: {{loadBalancer: {{simple: LEAST_REQUEST}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: exact}}
+spec:
+  host: echo
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: client-side, namespace: prod}}
+spec:
+  host: {FQDN}
+  trafficPolicy: {{loadBalancer: {{consistentHash: {{ringHash: {{minimumRingSize: 8}}, httpHeaderName: x}}}}}}
+"""
+    names = [f"outbound|7070||{FQDN}", "outbound|7070||side.default.svc.cluster.local"]
+    with ControlPlane(yaml_text) as plane:
+        with AdsClient(plane.address) as dflt:
+            dflt.send(CDS, names)
+            got = decode(dflt.recv())
+            assert got[names[0]].lb_policy == cluster_pb2.Cluster.ROUND_ROBIN  # exact host beats the wildcard
+            assert got[names[1]].lb_policy == cluster_pb2.Cluster.LEAST_REQUEST  # only the wildcard matches
+        with AdsClient(plane.address, node_id=node_id_for("prod"), namespace="prod") as prod:
+            prod.send(CDS, names[:1])
+            # a rule in the client's own namespace wins over the service namespace's
+            assert decode(prod.recv())[names[0]].lb_policy == cluster_pb2.Cluster.RING_HASH
