@@ -78,7 +78,7 @@ def subchannel_options(options: Optional[Sequence[Tuple[str, Any]]], authority: 
     """The app's options plus the logical name for ``:authority`` (and TLS
     server-name checks on secure channels) unless the app set its own."""
     merged = list(options or ())
-    names = {item[0] for item in merged if isinstance(item, tuple) and item}
+    names = {item[0] for item in merged if isinstance(item, (tuple, list)) and item}
     if "grpc.default_authority" not in names:
         merged.append(("grpc.default_authority", authority))
     if tls_host is not None and "grpc.ssl_target_name_override" not in names:
