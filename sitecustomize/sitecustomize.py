@@ -16,12 +16,19 @@ try:
 
     try:
         from meshpatch.activation import activate_from_sitecustomize
-
-        activate_from_sitecustomize()
-    except Exception:
-        # meshpatch not importable here (a foreign interpreter launched by the
-        # command) or broken: run the app unpatched.
-        pass
+    except ImportError:
+        # A different Python than the one meshpatch is installed in (e.g. the
+        # first `python` on PATH is not the venv's): say so once, run unpatched.
+        if os.environ.get("MESHPATCH_ENABLED", "").strip().lower() not in ("", "0", "false", "no", "off"):
+            sys.stderr.write(
+                f"meshpatch: not installed for {sys.executable}; this process runs unpatched "
+                "(run the app with the Python environment meshpatch is installed in)\n"
+            )
+    else:
+        try:
+            activate_from_sitecustomize()
+        except Exception:
+            pass  # activation never raises; belt and braces for a broken install
 
     def _chain_user_sitecustomize() -> None:
         here = os.path.dirname(os.path.abspath(__file__))

@@ -314,3 +314,18 @@ def test_unpatched_app_stays_unpatched() -> None:
                   patched=False)
     assert run.returncode == 0, run
     assert run.result is False
+
+
+def test_foreign_interpreter_says_it_runs_unpatched(tmp_path: Path) -> None:
+    """``meshpatch-run`` reaching a Python that cannot import meshpatch: one line, app unharmed."""
+    import meshpatch
+
+    boot = os.path.join(os.path.dirname(meshpatch.__file__), "_sitecustomize")
+    base_python = getattr(sys, "_base_executable", None) or sys.executable
+    if os.path.abspath(base_python) == os.path.abspath(sys.executable):
+        pytest.skip("no base interpreter distinct from the venv")
+    env = app_env({"PYTHONPATH": boot, "MESHPATCH_ENABLED": "1"})
+    proc = subprocess.run([base_python, "-c", "print('app ran')"], env=env, capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == "app ran\n"
+    assert proc.stderr.count("\n") == 1 and "runs unpatched" in proc.stderr
