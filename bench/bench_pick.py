@@ -37,18 +37,16 @@ def build() -> tuple:
     boot = Bootstrap([XdsServer(ads.address, "insecure", {}, [])], {"id": "sidecar~127.0.0.1~b.default~default.svc.cluster.local"}, {}, None, "bench")
     client = XdsClient(boot)
     router = Router(client, 5.0, client.start)
-    router.prefetch("bench", 80)
-    ads.wait_request(LDS, lambda r: "bench:80" in r.resource_names)
-    ads.respond(LDS, [res.listener("bench:80", RDS_NAME)], "1")
-    ads.wait_request(RDS)
     routes = [res.route(prefix=f"/api/{i}/", headers={"x-tenant": f"t{i}"}, cluster=V1) for i in range(99)]
     routes.append(res.route("/", weighted=[(V1, 20), (V2, 80)]))
-    ads.respond(RDS, [res.route_config(RDS_NAME, [("bench:80", ["bench", "bench:80", FQDN, f"{FQDN}:80"], routes)])], "1")
-    ads.wait_request(CDS, lambda r: len(r.resource_names) == 2)
-    ads.respond(CDS, [res.cluster(V1), res.cluster(V2)], "1")
-    ads.wait_request(EDS, lambda r: len(r.resource_names) == 2)
     eps = [(f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", 8080) for i in range(10_000)]
-    ads.respond(EDS, [res.cla(V1, eps[:5000]), res.cla(V2, eps[5000:])], "1")
+    ads.serve({
+        LDS: {"bench:80": res.listener("bench:80", RDS_NAME)},
+        RDS: {RDS_NAME: res.route_config(RDS_NAME, [("bench:80", ["bench", "bench:80", FQDN, f"{FQDN}:80"], routes)])},
+        CDS: {V1: res.cluster(V1), V2: res.cluster(V2)},
+        EDS: {V1: res.cla(V1, eps[:5000]), V2: res.cla(V2, eps[5000:])},
+    }, "1")
+    router.prefetch("bench", 80)
     router._targets[("bench", 80)].ready.wait(10)
     return ads, client, router
 

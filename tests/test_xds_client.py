@@ -59,29 +59,27 @@ def mesh(ads: ScriptedAds) -> Iterator[Mesh]:
 
 
 def serve_chain(ads: ScriptedAds, weighted: bool = True) -> None:
-    """Answer LDS → RDS → CDS → EDS the way istiod shapes them."""
-    ads.wait_request(LDS, lambda r: "echo:7070" in r.resource_names)
-    ads.respond(LDS, [res.listener("echo:7070", RDS_NAME)], "v1")
-    ads.wait_request(RDS, lambda r: RDS_NAME in r.resource_names)
+    """Serve LDS → RDS → CDS → EDS the way istiod shapes them."""
     if weighted:
         routes = [res.route("/", weighted=[(V1, 20), (V2, 80)])]
     else:
         routes = [res.route("/", cluster=V1)]
-    ads.respond(RDS, [res.route_config(RDS_NAME, [(f"{FQDN}:7070", [FQDN, f"{FQDN}:7070", "echo", "echo:7070"], routes)])], "v1")
-    names = {V1, V2} if weighted else {V1}
-    ads.wait_request(CDS, lambda r: set(r.resource_names) == names)
-    ads.respond(CDS, [res.cluster(n) for n in sorted(names)], "v1")
-    ads.wait_request(EDS, lambda r: set(r.resource_names) == names)
-    ads.respond(EDS, [res.cla(V1, [("127.0.0.2", 8080)])] + ([res.cla(V2, [("127.0.0.3", 8080)])] if weighted else []), "v1")
+    domains = [FQDN, f"{FQDN}:7070", "echo", "echo:7070"]
+    ads.serve({
+        LDS: {"echo:7070": res.listener("echo:7070", RDS_NAME)},
+        RDS: {RDS_NAME: res.route_config(RDS_NAME, [(f"{FQDN}:7070", domains, routes)])},
+        CDS: {V1: res.cluster(V1), V2: res.cluster(V2)},
+        EDS: {V1: res.cla(V1, [("127.0.0.2", 8080)]), V2: res.cla(V2, [("127.0.0.3", 8080)])},
+    })
 
 
 def test_full_chain_weighted_split_and_acks(ads: ScriptedAds, mesh: Mesh) -> None:
     import threading
 
+    serve_chain(ads)
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("pick", mesh.router.pick("grpc", "echo", 7070, "POST", "/echo.Echo/Call")))
     t.start()
-    serve_chain(ads)
     t.join(5)
     assert result["pick"] is not None and result["pick"].address in ("127.0.0.2", "127.0.0.3")
     first = ads.streams[0].requests[0]
@@ -95,10 +93,11 @@ def test_full_chain_weighted_split_and_acks(ads: ScriptedAds, mesh: Mesh) -> Non
 
 
 def test_nack_keeps_valid_resources_and_last_good(ads: ScriptedAds, mesh: Mesh) -> None:
-    mesh.router.prefetch("echo", 7070)
     serve_chain(ads, weighted=False)
+    mesh.router.prefetch("echo", 7070)
     mesh.router.targets()["echo:7070"].ready.wait(3)
     assert mesh.router.pick("http", "echo", 7070, "GET", "/").address == "127.0.0.2"  # type: ignore[union-attr]
+    ads.on_request = None
     # A response with one bad cluster (unsupported LB) and the good one changed: NACK naming the bad one,
     # the good one still applied, version stays at the last accepted one.
     bad = res.cluster("outbound|7070|bad|x", lb=cluster_pb2.Cluster.MAGLEV)
@@ -160,10 +159,11 @@ def test_first_call_wait_is_bounded(ads: ScriptedAds) -> None:
 
 
 def test_reconnect_resubscribes_and_keeps_cache(ads: ScriptedAds, mesh: Mesh) -> None:
-    mesh.router.prefetch("echo", 7070)
     serve_chain(ads)
+    mesh.router.prefetch("echo", 7070)
     mesh.router.targets()["echo:7070"].ready.wait(3)
     ads.wait_request(EDS, lambda r: r.version_info == "v1")
+    ads.on_request = None
     ads.end_stream()  # server closes with OK: a normal end, reconnect at once
     ads.wait_for(lambda: len(ads.streams) >= 2, timeout=5)
     second = ads.wait_request(LDS, stream_index=1)
@@ -176,9 +176,11 @@ def test_reconnect_resubscribes_and_keeps_cache(ads: ScriptedAds, mesh: Mesh) ->
 
 
 def test_cluster_deleted_means_no_healthy_upstream(ads: ScriptedAds, mesh: Mesh) -> None:
-    mesh.router.prefetch("echo", 7070)
     serve_chain(ads, weighted=False)
+    mesh.router.prefetch("echo", 7070)
     mesh.router.targets()["echo:7070"].ready.wait(3)
+    ads.wait_request(EDS, lambda r: r.version_info == "v1")
+    ads.on_request = None
     ads.respond(CDS, [], "v2")  # CDS is state of the world: V1 deleted
     ads.wait_request(CDS, lambda r: r.version_info == "v2")
     with pytest.raises(NoHealthyUpstream):
@@ -197,3 +199,42 @@ def test_cluster_deleted_means_no_healthy_upstream(ads: ScriptedAds, mesh: Mesh)
         time.sleep(0.02)
     else:
         pytest.fail("new endpoints never reached the picker")
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def on_resource(self, type_url: str, name: str, value: object) -> None:
+        self.events.append(("resource", name))
+
+    def on_does_not_exist(self, type_url: str, name: str) -> None:
+        self.events.append(("missing", name))
+
+    def on_error(self, type_url: str, name: str, reason: str) -> None:
+        self.events.append(("error", name))
+
+
+def test_absence_counts_only_for_names_the_server_had_seen(ads: ScriptedAds, mesh: Mesh) -> None:
+    """A response built before the server saw a newly added name must not delete
+    that name (the CDS race when a route's clusters are subscribed one by one).
+    Only one initial request per type is in flight; later names ride on its ACK."""
+    recorder = _Recorder()
+    mesh.client.start()
+    with mesh.client.lock:
+        mesh.client.watch(CDS, "a", recorder)
+    first = ads.wait_request(CDS, lambda r: list(r.resource_names) == ["a"])
+    with mesh.client.lock:
+        mesh.client.watch(CDS, "b", recorder)
+    time.sleep(0.1)
+    assert [list(r.resource_names) for r in ads.streams[0].requests if r.type_url == CDS] == [["a"]]
+    assert first.response_nonce == ""
+    ads.respond(CDS, [res.cluster("a")], "1")  # answers the first request, which only named "a"
+    ack = ads.wait_request(CDS, lambda r: r.version_info == "1")
+    assert set(ack.resource_names) == {"a", "b"}
+    assert mesh.client.resource_status(CDS, "b") != DOES_NOT_EXIST
+    assert ("missing", "b") not in recorder.events
+    ads.respond(CDS, [res.cluster("a")], "2")  # answers the ACK, which named "b": now it is authoritative
+    ads.wait_request(CDS, lambda r: r.version_info == "2")
+    assert mesh.client.resource_status(CDS, "b") == DOES_NOT_EXIST
+    assert ("missing", "b") in recorder.events and ("resource", "a") in recorder.events

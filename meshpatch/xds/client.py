@@ -63,12 +63,16 @@ class _Resource:
 
 
 class _TypeState:
-    __slots__ = ("resources", "version", "nonce", "acks", "nacks", "last_error")
+    __slots__ = ("resources", "version", "nonce", "first_sent", "acks", "nacks", "last_error")
 
     def __init__(self) -> None:
         self.resources: Dict[str, _Resource] = {}
         self.version = ""  # last accepted version_info
         self.nonce = ""  # last nonce seen on the current stream
+        # Names of the first request sent carrying ``nonce``: the request the
+        # next response answers (servers ignore later requests with a stale
+        # nonce, and answer the first one).  See _on_response.
+        self.first_sent: Optional[frozenset] = None
         self.acks = 0
         self.nacks = 0
         self.last_error = ""
@@ -165,6 +169,13 @@ class XdsClient:
 
     def _send(self, type_url: str, error: str = "") -> None:
         state = self._types[type_url]
+        if not state.nonce and state.first_sent is not None:
+            # The initial request of this type is still unanswered.  Servers
+            # answer every empty-nonce request (istiod treats it as a new
+            # watch), so a second one would make responses impossible to
+            # attribute; the ACK of the coming response carries the full name
+            # set instead.
+            return
         request = discovery_pb2.DiscoveryRequest(
             type_url=type_url,
             resource_names=sorted(state.resources),
@@ -178,6 +189,8 @@ class XdsClient:
             request.node.CopyFrom(self._node)
         if self.transport.send(request):
             self._node_sent = True
+            if state.first_sent is None:
+                state.first_sent = frozenset(state.resources)
 
     # -- transport callbacks (stream thread) -------------------------------
 
@@ -187,6 +200,7 @@ class XdsClient:
             for type_url in TYPE_ORDER:
                 state = self._types[type_url]
                 state.nonce = ""
+                state.first_sent = None
                 if state.resources:
                     self._send(type_url)
 
@@ -201,7 +215,12 @@ class XdsClient:
             if state is None:
                 log.info("ignoring xDS response of unrequested type %s", response.type_url)
                 return
+            # Which names did the server know when it built this response?  Those
+            # of the request it answers.  A name subscribed after that request
+            # may be missing only because the response was already under way.
+            answered = state.first_sent or frozenset()
             state.nonce = response.nonce
+            state.first_sent = None
             valid, errors = decode_response(response.type_url, list(response.resources))
             for name, value in valid.items():
                 resource = state.resources.get(name)
@@ -227,6 +246,8 @@ class XdsClient:
                 for name, resource in list(state.resources.items()):
                     if name in valid or name in bad_names or resource.status == DOES_NOT_EXIST:
                         continue
+                    if resource.value is None and name not in answered:
+                        continue  # never received and not yet seen by the server: keep waiting
                     resource.value = None
                     resource.status = DOES_NOT_EXIST
                     for watcher in list(resource.watchers):

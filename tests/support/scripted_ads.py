@@ -96,6 +96,25 @@ class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         (stream or self.streams[-1]).outbox.put(response)
         return nonce
 
+    def serve(self, db: dict, version: str = "v1") -> None:
+        """Answer like a SotW control plane from ``db`` (type_url → name → resource):
+        every initial request and every change of the subscribed names gets the
+        requested resources that exist; ACKs and NACKs get nothing."""
+        answered: dict = {}
+
+        def on_request(server: "ScriptedAds", stream: _Stream, request: discovery_pb2.DiscoveryRequest) -> None:
+            if request.HasField("error_detail"):
+                return
+            names = frozenset(request.resource_names)
+            key = (id(stream), request.type_url)
+            if request.response_nonce and answered.get(key) == names:
+                return
+            answered[key] = names
+            known = db.get(request.type_url, {})
+            server.respond(request.type_url, [known[n] for n in sorted(names) if n in known], version, stream=stream)
+
+        self.on_request = on_request
+
     def end_stream(self, stream: Optional[_Stream] = None) -> None:
         (stream or self.streams[-1]).outbox.put(_END)
 
