@@ -85,6 +85,7 @@ def _create() -> Optional[Agent]:
             from meshpatch.bootstrap import load_bootstrap
 
             settings = Settings()
+            logging.getLogger("meshpatch").setLevel(settings.log_level)
             bootstrap = load_bootstrap(settings)
         except ConfigError as exc:
             log.warning("%s", exc)
