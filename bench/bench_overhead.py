@@ -127,13 +127,34 @@ def run_client(mesh: bool, url: str, target: str, calls: int, xds: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def startup_ms(python: str, env: dict, runs: int) -> float:
-    samples = []
+def startup_ms(pythons: dict, runs: int) -> dict:
+    """Median wall time of ``python -c pass`` per configuration, interleaved run
+    by run so that machine load drifts affect every configuration alike."""
+    samples: dict = {name: [] for name in pythons}
     for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run([python, "-c", "pass"], env=env, check=True)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        for name, (python, env) in pythons.items():
+            start = time.perf_counter()
+            subprocess.run([python, "-c", "pass"], env=env, check=True)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def isolated_venvs(tmp: Path) -> tuple:
+    """A bare venv, and an identical one with only the meshpatch wheel added
+    (no dependencies: with the agent off or idle nothing else is imported)."""
+    bare = tmp / "bare"
+    with_mp = tmp / "with-meshpatch"
+    wheels = tmp / "wheels"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(with_mp)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)], check=True,
+                   stdout=subprocess.DEVNULL)
+    site = subprocess.run([str(with_mp / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    wheel = next(wheels.glob("meshpatch-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return str(bare / "bin" / "python"), str(with_mp / "bin" / "python")
 
 
 def main() -> None:
@@ -168,20 +189,18 @@ def main() -> None:
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHPATCH_", "GRPC_XDS", "PYTHONPATH"))}
     with tempfile.TemporaryDirectory() as tmp:
-        bare = Path(tmp) / "bare"
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
-        bare_python = str(bare / "bin" / "python")
-        project_python = str(BIN / "python")
-        startup_ms(bare_python, base_env, 5)  # warm the page cache
-        results = {
-            "bare venv (no meshpatch installed)": startup_ms(bare_python, base_env, args.startup_runs),
-            "meshpatch installed, agent off": startup_ms(project_python, base_env, args.startup_runs),
-            "meshpatch installed, MESHPATCH_ENABLED=1": startup_ms(project_python, dict(base_env, MESHPATCH_ENABLED="1"), args.startup_runs),
+        bare_python, mp_python = isolated_venvs(Path(tmp))
+        configs = {
+            "bare venv (no meshpatch installed)": (bare_python, base_env),
+            "same venv + meshpatch, agent off": (mp_python, base_env),
+            "same venv + meshpatch, MESHPATCH_ENABLED=1": (mp_python, dict(base_env, MESHPATCH_ENABLED="1")),
         }
-    print(f"interpreter start-up, python -c pass, median of {args.startup_runs} runs")
+        startup_ms(configs, 5)  # warm the page cache
+        results = startup_ms(configs, args.startup_runs)
+    print(f"interpreter start-up, python -c pass, median of {args.startup_runs} interleaved runs")
     base = results["bare venv (no meshpatch installed)"]
     for name, value in results.items():
-        print(f"  {name:42} {value:7.2f} ms  ({value - base:+.2f} ms)")
+        print(f"  {name:44} {value:7.2f} ms  ({value - base:+.2f} ms)")
 
 
 if __name__ == "__main__":
