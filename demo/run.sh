@@ -13,12 +13,13 @@ mp_ensure_venv
 # demo.py stops its own processes (and they die with it); the trap covers an
 # interrupt that arrives while it is still starting.
 demo_pid=""
-cleanup() { [ -n "$demo_pid" ] && kill "$demo_pid" 2>/dev/null; wait 2>/dev/null || true; }
+cleanup() { if [ -n "$demo_pid" ]; then kill "$demo_pid" 2>/dev/null || true; wait "$demo_pid" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-mp_in_netns "$VENV_BIN/python" demo/demo.py "$@" &
-demo_pid=$!
+mp_netns_prefix
+"${MP_NETNS[@]}" "$VENV_BIN/python" demo/demo.py "$@" &
+demo_pid=$!  # demo.py itself: unshare and sh exec
 set +e
 wait "$demo_pid"
 rc=$?

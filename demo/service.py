@@ -45,6 +45,15 @@ def make_http_handler(version: str, address: str) -> type[BaseHTTPRequestHandler
     return Handler
 
 
+class HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that went away (the demo stopping it): not news
+        super().handle_error(request, client_address)
+
+
 def make_grpc_server(version: str, address: str, port: int) -> grpc.Server:
     reply = version.encode()
 
@@ -70,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        http_server = ThreadingHTTPServer((args.address, args.http_port), make_http_handler(args.version, args.address))
+        http_server = HTTPServer((args.address, args.http_port), make_http_handler(args.version, args.address))
     except OSError as exc:
         raise SystemExit(f"service {args.version}: cannot bind HTTP {args.address}:{args.http_port}: {exc}") from None
-    http_server.daemon_threads = True
     grpc_server = make_grpc_server(args.version, args.address, args.grpc_port)
     grpc_server.start()
     threading.Thread(target=http_server.serve_forever, name="http", daemon=True).start()

@@ -8,7 +8,7 @@
 # Inputs (env):
 #   MESHPATCH_VENV    venv directory (default: .venv in the repo root)
 #   MESHPATCH_PYTHON  interpreter used to create the venv (default: python3.11, else python3)
-# Defines: REPO_ROOT, VENV, VENV_BIN, mp_log, mp_ensure_venv, mp_in_netns.
+# Defines: REPO_ROOT, VENV, VENV_BIN, mp_log, mp_ensure_venv, mp_netns_prefix, mp_in_netns.
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MESHPATCH_VENV:-.venv}"
@@ -78,15 +78,23 @@ s = socket.socket(); req = struct.pack(\"16sH\", b\"lo\", 0)
 flags = struct.unpack(\"16sH\", fcntl.ioctl(s, 0x8913, req))[1]
 fcntl.ioctl(s, 0x8914, struct.pack(\"16sH\", b\"lo\", flags | 1))
 "; fi'
-mp_in_netns() {
+# Sets MP_NETNS to the command prefix (empty when isolation is impossible), so
+# a caller can background "${MP_NETNS[@]}" cmd and get cmd's own pid in $!
+# (unshare and sh both exec).
+mp_netns_prefix() {
     local py="$VENV_BIN/python"
     if unshare -n true 2>/dev/null; then
-        unshare -n sh -c "$_MP_LO_UP"' && shift && exec "$@"' "$py" _ "$@"
+        MP_NETNS=(unshare -n sh -c "$_MP_LO_UP"' && shift && exec "$@"' "$py" _)
     elif unshare -rn true 2>/dev/null; then
-        unshare -rn sh -c "$_MP_LO_UP"' && shift && exec "$@"' "$py" _ "$@"
+        MP_NETNS=(unshare -rn sh -c "$_MP_LO_UP"' && shift && exec "$@"' "$py" _)
     else
         mp_log "WARNING: cannot create a loopback-only network namespace (unshare -n not permitted);"
         mp_log "WARNING: running without isolation: mesh hostnames may reach your DNS resolver"
-        "$@"
+        MP_NETNS=()
     fi
+}
+
+mp_in_netns() {
+    mp_netns_prefix
+    "${MP_NETNS[@]}" "$@"
 }
