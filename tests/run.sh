@@ -35,8 +35,10 @@ rc=${PIPESTATUS[0]}
 set -e
 
 summary="$(grep -E '(passed|failed|errors?|no tests ran|skipped|deselected).* in [0-9.]+s' "$log" | tail -n 1 || true)"
-echo "tests/run.sh: pytest exit $rc: ${summary:-no summary line}"
 if [ "$rc" -eq 5 ]; then
-    echo "tests/run.sh: pytest collected no tests; that is a failure here" >&2
+    echo "tests/run.sh: pytest collected no tests; that is a failure here"
 fi
+# pytest's own summary line goes last, where CI looks for a closing line.
+echo "tests/run.sh: pytest exit $rc; summary:"
+echo "${summary:-no summary line}"
 exit "$rc"
