@@ -28,7 +28,11 @@ trap 'rm -f "$log"' EXIT
 
 # Soak/scale tests are marked slow and stay out of CI; everything else runs.
 # `.venv/bin/pytest` (not `python -m pytest`) so sys.path[0] is the venv's bin
-# dir and the source tree cannot shadow the installed package.
+# dir, not the source tree.  (pyproject's pytest `pythonpath = ["."]` still
+# puts the source tree first *in the pytest process*, for tests.support;
+# processes the tests start run the installed package unless their cwd
+# or PYTHONPATH is the source tree.)
+export MESHPATCH_TESTS_INSTALLED=1  # tests may check that processes run the installed package
 set +e
 mp_in_netns "$VENV_BIN/pytest" -q -m "not slow" "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}

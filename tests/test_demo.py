@@ -6,6 +6,8 @@ points at the right part."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import re
 import subprocess
 import sys
@@ -36,6 +38,26 @@ def mesh_docs(repo_root: Path) -> dict[str, dict]:
         for doc in yaml.safe_load_all(path.read_text()):
             docs[doc["kind"]] = doc
     return docs
+
+
+def test_processes_run_the_installed_package(repo_root: Path, venv_bin: Path, tmp_path: Path) -> None:
+    """tests/run.sh promises that the processes the tests start (the demo's
+    control plane, services and client among them) run a regular install of
+    meshpatch, so packaging mistakes fail the suite.  (In-process imports use
+    the source tree on purpose: pyproject's pytest `pythonpath`.)"""
+    if os.environ.get("MESHPATCH_TESTS_INSTALLED") != "1":
+        pytest.skip("only under tests/run.sh, which installs meshpatch non-editable")
+    probe = (
+        "import json, sysconfig, meshpatch, meshpatch.hooks, meshpatch.hooks.requests_hook;"
+        "print(json.dumps([sysconfig.get_paths()['purelib'], meshpatch.__file__, meshpatch.hooks.__file__]))"
+    )
+    out = subprocess.run([str(venv_bin / "python"), "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    site_dir, *files = (Path(p).resolve() for p in json.loads(out.stdout))
+    for where in files:
+        assert site_dir in where.parents and repo_root not in where.parents, where
+    assert (site_dir / "meshpatch.pth").is_file()
+    assert (site_dir / "meshpatch" / "_sitecustomize" / "sitecustomize.py").is_file()
 
 
 def test_mesh_config_is_a_20_80_canary_over_both_ports(repo_root: Path) -> None:
