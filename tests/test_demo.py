@@ -55,7 +55,7 @@ def test_processes_run_the_installed_package(repo_root: Path, venv_bin: Path, tm
     assert out.returncode == 0, out.stderr
     site_dir, *files = (Path(p).resolve() for p in json.loads(out.stdout))
     for where in files:
-        assert site_dir in where.parents and repo_root not in where.parents, where
+        assert site_dir in where.parents, f"{where} is not in {site_dir}: not a regular install"
     assert (site_dir / "meshpatch.pth").is_file()
     assert (site_dir / "meshpatch" / "_sitecustomize" / "sitecustomize.py").is_file()
 
