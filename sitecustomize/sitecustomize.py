@@ -51,6 +51,11 @@ try:
                 # Only a namespace package (a stray "sitecustomize/" directory on
                 # sys.path, e.g. a source checkout): no user code to run.
                 sys.modules["sitecustomize"] = ours
+            elif ours is not None:
+                # Another sitecustomize (the user's, or the distribution's such as
+                # Debian's /usr/lib/python3.X/sitecustomize.py) now owns the name;
+                # keep ours findable under its package path, as ddtrace does.
+                sys.modules["meshpatch._sitecustomize.sitecustomize"] = ours
         except ImportError as exc:
             if ours is not None:
                 sys.modules["sitecustomize"] = ours

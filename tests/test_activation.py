@@ -139,7 +139,8 @@ def test_activation_is_idempotent_when_pth_and_sitecustomize_both_fire() -> None
         import meshpatch.hooks.requests_hook as rh
         send = requests.adapters.HTTPAdapter.__dict__["send"]
         print("RESULT " + json.dumps({
-            "sitecustomize": sitecustomize.__file__, "source": a.status()["source"],
+            "sitecustomize": (sys.modules.get("meshpatch._sitecustomize.sitecustomize") or sitecustomize).__file__,
+            "source": a.status()["source"],
             "finders": len(finders), "again": again,
             "outer_wrapped": isinstance(send, wrapt.FunctionWrapper),
             "inner_wrapped": isinstance(send.__wrapped__, wrapt.FunctionWrapper),
