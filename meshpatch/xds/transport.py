@@ -16,7 +16,7 @@ import logging
 import queue
 import random
 import threading
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from meshpatch.bootstrap import XdsServer
 from meshpatch.internal import suppress_current_context
@@ -114,72 +114,67 @@ class GrpcAdsTransport:
 
     # -- the stream thread -------------------------------------------------
 
-    def _make_channel(self, grpc: Any) -> Any:
-        options = [("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)]
-        if self.server.creds_type == "tls":
-            cfg = self.server.creds_config
+    def _make_channel(self, grpc: Any, server: Optional[XdsServer] = None) -> Any:
+        from meshpatch.xds.channel import make_channel
 
-            def read(key: str) -> Optional[bytes]:
-                path = cfg.get(key)
-                if not path:
-                    return None
-                with open(path, "rb") as fh:
-                    return fh.read()
-
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=read("ca_certificate_file"),
-                private_key=read("private_key_file"),
-                certificate_chain=read("certificate_file"),
-            )
-            return grpc.secure_channel(self.server.target, creds, options=options)
-        return grpc.insecure_channel(self.server.target, options=options)
+        return make_channel(grpc, server or self.server)
 
     def _run(self) -> None:
         suppress_current_context()
         import grpc
-        from envoy.service.discovery.v3 import ads_pb2_grpc
 
         while not self._stop.is_set():
-            had_response = False
-            error = ""
-            q: queue.SimpleQueue = queue.SimpleQueue()
-            try:
-                self._channel = self._make_channel(grpc)
-                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
-                self._call = stub.StreamAggregatedResources(iter(q.get, _CLOSE))
-                self._queue = q
-                self.streams_opened += 1
-                self._on_stream_start()
-                for response in self._call:
-                    if not had_response:
-                        had_response = True
-                        self.state = READY
-                        self._backoff.reset()
-                    self._on_response(response)
-                error = "stream closed by the server with status OK"
-            except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                error = f"{getattr(code, 'name', code)}: {exc.details() if hasattr(exc, 'details') else exc}"
-            except Exception as exc:  # never let the thread die silently
-                error = f"internal error: {exc!r}"
-                log.warning("meshpatch xDS stream failed with an internal error", exc_info=True)
-            finally:
-                self._queue = None
-                q.put(_CLOSE)
-                self._call = None
-                channel, self._channel = self._channel, None
-                if channel is not None:
-                    try:
-                        channel.close()
-                    except Exception:  # pragma: no cover
-                        pass
+            had_response, error = self._stream_once(grpc, self.server)
             if self._stop.is_set():
                 break
-            self.last_error = error
-            self.state = BACKOFF if not had_response else CONNECTING
-            try:
-                self._on_stream_end(error, had_response)
-            except Exception:  # pragma: no cover - the client must not kill the loop
-                log.warning("meshpatch xDS client failed handling a stream end", exc_info=True)
+            self._stream_ended(error, had_response)
             delay = random.uniform(0.0, 0.05) if had_response else self._backoff.next()
             self._stop.wait(delay)
+
+    def _stream_ended(self, error: str, had_response: bool) -> None:
+        self.last_error = error
+        self.state = BACKOFF if not had_response else CONNECTING
+        try:
+            self._on_stream_end(error, had_response)
+        except Exception:  # pragma: no cover - the client must not kill the loop
+            log.warning("meshpatch xDS client failed handling a stream end", exc_info=True)
+
+    def _stream_once(self, grpc: Any, server: XdsServer) -> Tuple[bool, str]:
+        """One stream to ``server``: open, feed responses to the client until it
+        ends; returns (whether it delivered a response, why it ended)."""
+        from envoy.service.discovery.v3 import ads_pb2_grpc
+
+        had_response = False
+        error = ""
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        try:
+            self._channel = self._make_channel(grpc, server)
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
+            self._call = stub.StreamAggregatedResources(iter(q.get, _CLOSE))
+            self._queue = q
+            self.streams_opened += 1
+            self._on_stream_start()
+            for response in self._call:
+                if not had_response:
+                    had_response = True
+                    self.state = READY
+                    self._backoff.reset()
+                self._on_response(response)
+            error = "stream closed by the server with status OK"
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            error = f"{getattr(code, 'name', code)}: {exc.details() if hasattr(exc, 'details') else exc}"
+        except Exception as exc:  # never let the thread die silently
+            error = f"internal error: {exc!r}"
+            log.warning("meshpatch xDS stream failed with an internal error", exc_info=True)
+        finally:
+            self._queue = None
+            q.put(_CLOSE)
+            self._call = None
+            channel, self._channel = self._channel, None
+            if channel is not None:
+                try:
+                    channel.close()
+                except Exception:  # pragma: no cover
+                    pass
+        return had_response, error
