@@ -19,13 +19,25 @@ SUPPORTED_CREDS = ("insecure", "tls")
 
 
 class XdsServer:
-    __slots__ = ("target", "creds_type", "creds_config", "features")
+    """One xDS server.  ``token_file``: a JWT sent as ``authorization: Bearer``
+    on the stream (istiod on 15012 without istio-agent; needs TLS);
+    ``server_name``: the TLS name to verify when the target is an address."""
 
-    def __init__(self, target: str, creds_type: str, creds_config: Dict[str, Any], features: List[str]) -> None:
+    __slots__ = ("target", "creds_type", "creds_config", "features", "token_file", "server_name")
+
+    def __init__(self, target: str, creds_type: str, creds_config: Dict[str, Any], features: List[str],
+                 token_file: Optional[str] = None, server_name: Optional[str] = None) -> None:
         self.target = target
         self.creds_type = creds_type
         self.creds_config = creds_config
         self.features = features
+        self.token_file = token_file
+        self.server_name = server_name
+
+    def identity(self) -> Dict[str, Any]:
+        """What makes two processes' streams interchangeable (the pod-sharing key)."""
+        return {"target": self.target, "creds": self.creds_type, "config": self.creds_config,
+                "token_file": self.token_file, "server_name": self.server_name}
 
     def __repr__(self) -> str:
         return f"XdsServer({self.target!r}, {self.creds_type})"
@@ -79,6 +91,24 @@ def _server_target(uri: str, variable: str) -> str:
     return uri
 
 
+def _call_creds_token(raw: Any, index: int, variable: str) -> Optional[str]:
+    """gRFC A97 ``call_creds``: ``[{"type": "jwt_token_file", "config": {"jwt_token_file": PATH}}]``.
+    Other types are skipped, as gRPC skips call creds it does not know."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise ConfigError(variable, f"xds_servers[{index}].call_creds is not a list",
+                          'write "call_creds": [{"type": "jwt_token_file", "config": {"jwt_token_file": "/path"}}]')
+    for entry in raw:
+        if isinstance(entry, dict) and entry.get("type") == "jwt_token_file":
+            path = (entry.get("config") or {}).get("jwt_token_file")
+            if not isinstance(path, str) or not path:
+                raise ConfigError(variable, f"xds_servers[{index}].call_creds jwt_token_file has no path",
+                                  'set config.jwt_token_file to the token path')
+            return path
+    return None
+
+
 def parse_bootstrap(data: Any, variable: str, source: str) -> Bootstrap:
     if not isinstance(data, dict):
         raise ConfigError(variable, "the bootstrap is not a JSON object", "write a gRPC xDS bootstrap JSON object")
@@ -98,7 +128,11 @@ def parse_bootstrap(data: Any, variable: str, source: str) -> Bootstrap:
             kinds = [c.get("type") for c in creds if isinstance(c, dict)]
             raise ConfigError(variable, f"no supported channel_creds type in {kinds}", "use type insecure or tls")
         features = [f for f in raw.get("server_features") or [] if isinstance(f, str)]
-        servers.append(XdsServer(target, chosen["type"], dict(chosen.get("config") or {}), features))
+        token_file = _call_creds_token(raw.get("call_creds"), index, variable)
+        if token_file and chosen["type"] != "tls":
+            raise ConfigError(variable, f"xds_servers[{index}] has call_creds but insecure channel_creds",
+                              "use tls channel_creds (gRPC never sends call credentials in plaintext)")
+        servers.append(XdsServer(target, chosen["type"], dict(chosen.get("config") or {}), features, token_file))
     node = data.get("node") or {}
     if not isinstance(node, dict):
         raise ConfigError(variable, "node is not an object", "write node as {\"id\": ..., \"metadata\": {...}}")
@@ -115,7 +149,9 @@ def _local_node(settings: Settings) -> Dict[str, Any]:
     """A node that istiod (and our control plane) accept: 4 '~' parts, an IP, the namespace."""
     ns = settings.namespace
     ip = (os.environ.get("INSTANCE_IP") or os.environ.get("POD_IP") or "127.0.0.1").strip()
-    pod = os.environ.get("POD_NAME") or f"{socket.gethostname().split('.')[0] or 'app'}-{os.getpid()}"
+    # No pid in the name: every process of a pod presents the same node, which
+    # is what lets them share one upstream stream (meshpatch.xds.pod).
+    pod = os.environ.get("POD_NAME") or socket.gethostname().split(".")[0] or "app"
     return {
         "id": f"sidecar~{ip}~{pod}.{ns}~{ns}.svc.{settings.cluster_domain}",
         "metadata": {"GENERATOR": "grpc", "NAMESPACE": ns, "INSTANCE_IPS": ip},
@@ -123,11 +159,44 @@ def _local_node(settings: Settings) -> Dict[str, Any]:
     }
 
 
+_DIRECT_FIELDS = {"MESHPATCH_XDS_CA_CERT": "xds_ca_cert", "MESHPATCH_XDS_TOKEN_FILE": "xds_token_file",
+                  "MESHPATCH_XDS_TLS_SERVER_NAME": "xds_tls_server_name"}
+
+
+def _readable(path: str, variable: str, what: str) -> None:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read {path}: {exc.strerror}", f"point it at {what}") from None
+
+
+def _direct_server(settings: Settings) -> XdsServer:
+    """``MESHPATCH_XDS_SERVER`` (+ optional TLS and token): istiod direct, or a local control plane."""
+    target = _server_target(settings.xds_server, "MESHPATCH_XDS_SERVER")
+    if settings.xds_token_file and not settings.xds_ca_cert:
+        raise ConfigError("MESHPATCH_XDS_TOKEN_FILE", "a token is only sent over TLS and MESHPATCH_XDS_CA_CERT is not set",
+                          "set MESHPATCH_XDS_CA_CERT to the mesh root certificate (e.g. /var/run/secrets/istio/root-cert.pem)")
+    if not settings.xds_ca_cert:
+        return XdsServer(target, "insecure", {}, [])
+    _readable(settings.xds_ca_cert, "MESHPATCH_XDS_CA_CERT", "the mesh root certificate (istio-ca-root-cert, root-cert.pem)")
+    if settings.xds_token_file:
+        _readable(settings.xds_token_file, "MESHPATCH_XDS_TOKEN_FILE",
+                  "the pod's service-account token for audience istio-ca (/var/run/secrets/tokens/istio-token)")
+    return XdsServer(target, "tls", {"ca_certificate_file": settings.xds_ca_cert}, [],
+                     token_file=settings.xds_token_file, server_name=settings.xds_tls_server_name)
+
+
 def load_bootstrap(settings: Settings) -> Optional[Bootstrap]:
     """The bootstrap in force, or None when nothing configures xDS (mesh off, no error)."""
+    if not settings.xds_server:
+        for name in ("MESHPATCH_XDS_CA_CERT", "MESHPATCH_XDS_TOKEN_FILE", "MESHPATCH_XDS_TLS_SERVER_NAME"):
+            if getattr(settings, _DIRECT_FIELDS[name]):
+                raise ConfigError(name, "is set but MESHPATCH_XDS_SERVER is not",
+                                  "set MESHPATCH_XDS_SERVER=istiod.istio-system.svc:15012 too, or configure TLS in the bootstrap file")
     if settings.xds_server:
         return Bootstrap(
-            [XdsServer(_server_target(settings.xds_server, "MESHPATCH_XDS_SERVER"), "insecure", {}, [])],
+            [_direct_server(settings)],
             _local_node(settings),
             {},
             None,

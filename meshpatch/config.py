@@ -85,6 +85,16 @@ def _parse_host_port(environ, name: str):
     return value
 
 
+def _parse_path(environ, name: str):
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if not value.startswith("/"):
+        raise ConfigError(name, f"{raw!r} is not an absolute path", f"set {name} to an absolute path")
+    return value
+
+
 class Settings:
     """Everything the agent reads from the environment."""
 
@@ -97,6 +107,13 @@ class Settings:
         "bootstrap_path",
         "bootstrap_inline",
         "cluster_domain",
+        "xds_ca_cert",
+        "xds_token_file",
+        "xds_tls_server_name",
+        "share_stream",
+        "runtime_dir",
+        "fail_mode",
+        "hold_until_ready",
     )
 
     def __init__(self, environ=os.environ) -> None:
@@ -116,3 +133,16 @@ class Settings:
         self.log_level = level
         self.bootstrap_path = (environ.get("GRPC_XDS_BOOTSTRAP") or "").strip() or None
         self.bootstrap_inline = (environ.get("GRPC_XDS_BOOTSTRAP_CONFIG") or "").strip() or None
+        # istiod direct (no istio-agent): TLS with the mesh root cert + the pod's token.
+        self.xds_ca_cert = _parse_path(environ, "MESHPATCH_XDS_CA_CERT")
+        self.xds_token_file = _parse_path(environ, "MESHPATCH_XDS_TOKEN_FILE")
+        self.xds_tls_server_name = (environ.get("MESHPATCH_XDS_TLS_SERVER_NAME") or "").strip() or None
+        # One upstream stream per pod, shared through a local relay (meshpatch.xds.pod).
+        self.share_stream = _parse_bool(environ, "MESHPATCH_SHARE_STREAM", True)
+        self.runtime_dir = _parse_path(environ, "MESHPATCH_RUNTIME_DIR")
+        mode = (environ.get("MESHPATCH_FAIL_MODE") or "open").strip().lower()
+        if mode not in ("open", "closed"):
+            raise ConfigError("MESHPATCH_FAIL_MODE", f"{mode!r} is not a fail mode",
+                              "set it to open (call goes out unrouted) or closed (call fails fast)")
+        self.fail_mode = mode
+        self.hold_until_ready = _parse_float(environ, "MESHPATCH_HOLD_UNTIL_READY", 0.0, 0.0, 600.0)
