@@ -52,11 +52,12 @@ class Watcher(Protocol):
 
 
 class _Resource:
-    __slots__ = ("watchers", "value", "status", "version", "error")
+    __slots__ = ("watchers", "value", "raw", "status", "version", "error")
 
     def __init__(self) -> None:
         self.watchers: List[Watcher] = []
         self.value: Any = None
+        self.raw: Any = None  # the last accepted resource as received (an Any), for the pod relay
         self.status = REQUESTED
         self.version = ""
         self.error = ""
@@ -111,15 +112,30 @@ class XdsClient:
         self.updates = 0
 
     def _new_transport(self) -> Any:
-        return self._transport_factory(
+        transport = self._transport_factory(
             self.bootstrap.servers[0], self._on_stream_start, self._on_response, self._on_stream_end
         )
+        bind = getattr(transport, "bind_client", None)
+        if bind is not None:  # the pod-shared transport serves other processes from this cache
+            bind(self)
+        return transport
 
     def after_fork_in_child(self) -> None:
         """Keep the cache and subscriptions; never reuse the parent's channel."""
-        self.transport.abandon_after_fork()
+        old = self.transport
+        old.abandon_after_fork()
         self.lock = threading.RLock()
         self._node_sent = False
+        orphaned = getattr(old, "orphaned_watches", None)
+        if orphaned is not None:
+            # The parent's relay watched names for its followers; the child has no
+            # followers, so it must not keep them subscribed.
+            for type_url, name, watcher in orphaned():
+                resource = self._types[type_url].resources.get(name)
+                if resource is not None and watcher in resource.watchers:
+                    resource.watchers.remove(watcher)
+                    if not resource.watchers:
+                        del self._types[type_url].resources[name]
         self.transport = self._new_transport()
 
     def start(self) -> None:
@@ -221,11 +237,13 @@ class XdsClient:
             answered = state.first_sent or frozenset()
             state.nonce = response.nonce
             state.first_sent = None
-            valid, errors = decode_response(response.type_url, list(response.resources))
+            raw: Dict[str, Any] = {}
+            valid, errors = decode_response(response.type_url, list(response.resources), raw)
             for name, value in valid.items():
                 resource = state.resources.get(name)
                 if resource is None:
                     continue  # not requested: ignored, as gRPC does
+                resource.raw = raw.get(name)
                 resource.status = ACKED
                 resource.version = response.version_info
                 resource.error = ""
@@ -249,6 +267,7 @@ class XdsClient:
                     if resource.value is None and name not in answered:
                         continue  # never received and not yet seen by the server: keep waiting
                     resource.value = None
+                    resource.raw = None
                     resource.status = DOES_NOT_EXIST
                     for watcher in list(resource.watchers):
                         self._notify(watcher.on_does_not_exist, response.type_url, name)
@@ -272,6 +291,26 @@ class XdsClient:
             callback(*args)
         except Exception:  # one broken watcher must not stop the others or the ACK
             log.warning("meshpatch watcher failed", exc_info=True)
+
+    # -- the pod relay's view of the cache -------------------------------------
+
+    def cached(self, type_url: str, names: Any) -> "tuple[List[Any], bool, str]":
+        """(accepted resources as received, whether any name is still unanswered,
+        the type's accepted version) for ``names``; call with ``self.lock`` held.
+        A name is answered once it has a good value, is known not to exist, or
+        was rejected before ever being good."""
+        state = self._types[type_url]
+        found: List[Any] = []
+        pending = False
+        for name in names:
+            resource = state.resources.get(name)
+            if resource is None:
+                pending = True
+            elif resource.raw is not None:
+                found.append(resource.raw)
+            elif resource.status == REQUESTED:
+                pending = True
+        return found, pending, state.version
 
     # -- introspection (status CLI, tests) ---------------------------------
 

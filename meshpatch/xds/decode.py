@@ -9,7 +9,7 @@ instead of the app silently getting different behaviour.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from google.protobuf import any_pb2
 from google.protobuf.json_format import MessageToDict
@@ -326,8 +326,11 @@ DECODERS: Dict[str, Callable[[any_pb2.Any], Tuple[str, Any]]] = {
 }
 
 
-def decode_response(type_url: str, resources: List[any_pb2.Any]) -> Tuple[Dict[str, Any], List[ResourceError]]:
-    """Decode every resource; returns (valid name → model, errors).  Duplicates are errors."""
+def decode_response(type_url: str, resources: List[any_pb2.Any],
+                    raw_out: Optional[Dict[str, any_pb2.Any]] = None) -> Tuple[Dict[str, Any], List[ResourceError]]:
+    """Decode every resource; returns (valid name → model, errors).  Duplicates are errors.
+    ``raw_out`` receives name → the resource as received, for each valid one
+    (the pod relay forwards accepted resources byte for byte)."""
     decoder = DECODERS.get(type_url)
     if decoder is None:
         return {}, [ResourceError("", f"unsupported type {type_url}")]
@@ -352,4 +355,10 @@ def decode_response(type_url: str, resources: List[any_pb2.Any]) -> Tuple[Dict[s
             continue
         seen.add(name)
         valid[name] = model
+        if raw_out is not None:
+            raw_out[name] = any_msg
+    if raw_out is not None:
+        for name in list(raw_out):
+            if name not in valid:
+                del raw_out[name]
     return valid, errors
