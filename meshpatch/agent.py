@@ -5,7 +5,17 @@ routed call (or prefetch), and its xDS stream thread starts then, in the
 process that actually makes calls: a gunicorn ``--preload`` master that never
 calls out never opens a gRPC channel.  After a fork the child abandons the
 parent's channel and thread (never reused across fork), keeps the cached
-config so it can route at once, and reconnects on its next call.
+config so it can route at once, and reconnects at once.
+
+Processes that share a bootstrap share one upstream xDS stream (one process
+holds it and relays to the others over a Unix socket; see
+:mod:`meshpatch.xds.shared`), unless ``MESHPATCH_SHARE_STREAM=0``.
+
+Fork safety: before a fork the agent takes its own locks (the router's
+target-creation lock, then the xDS client's lock, the order every other path
+takes them in), so the child never inherits a cache that a thread was half-way
+through updating nor a lock held by a thread that does not exist there; the
+child then gets fresh locks and fresh events.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 from meshpatch.config import ConfigError, Settings
 
@@ -27,10 +37,14 @@ class Agent:
 
         self.settings = settings
         self.bootstrap = bootstrap
-        self.client = XdsClient(bootstrap)  # type: ignore[arg-type]
-        self.router = Router(self.client, settings.resolve_timeout, self._ensure_started)
+        self.client = XdsClient(bootstrap, transport_factory=_transport_factory(settings, bootstrap))  # type: ignore[arg-type]
+        self.router = Router(self.client, settings.resolve_timeout, self._ensure_started,
+                             fail_closed=settings.fail_mode == "closed",
+                             namespace=bootstrap.namespace,  # type: ignore[attr-defined]
+                             cluster_domain=settings.cluster_domain)
         self._started = False
         self._start_lock = threading.Lock()
+        self._fork_held: list = []
         self.pid = os.getpid()
 
     def _ensure_started(self) -> None:
@@ -38,6 +52,10 @@ class Agent:
             return
         with self._start_lock:
             if not self._started:
+                if self.settings.hold_until_ready and not self.client.connected:
+                    import time
+
+                    self.router.hold_until = time.monotonic() + self.settings.hold_until_ready
                 self.client.start()
                 self._started = True
                 log.info("meshpatch agent started: xDS server %s (%s)",
@@ -51,15 +69,69 @@ class Agent:
             self.client.stop()
             self._started = False
 
+    def before_fork(self) -> None:
+        """Quiesce config updates for the instant of the fork (bounded: a lock
+        still busy after a second is left alone and replaced in the child)."""
+        held = []
+        for lock in (self.router._create_lock, self.client.lock):
+            if lock.acquire(timeout=1.0):
+                held.append(lock)
+            else:
+                log.warning("meshpatch: a lock was still busy at fork; the child starts with fresh ones")
+                break
+        self._fork_held = held
+
+    def after_fork_in_parent(self) -> None:
+        held, self._fork_held = self._fork_held, []
+        for lock in reversed(held):
+            lock.release()
+
     def after_fork_in_child(self) -> None:
         # Locks may have been held by threads that do not exist in the child.
+        self._fork_held = []
         self.router._create_lock = threading.Lock()
         self._start_lock = threading.Lock()
         self.client.after_fork_in_child()
+        # A thread that was waiting for a target at fork time is gone, but the
+        # Event's internal lock may be in any state: give pending targets new ones.
+        from meshpatch.routing.target import HostTarget
+
+        for target in set(self.router._targets.values()):
+            if isinstance(target, HostTarget) and not target.ready.is_set():
+                target.ready = threading.Event()
+                if target.snapshot is not None:
+                    target.ready.set()
+        was_started = self._started
         self._started = False
         self.pid = os.getpid()
-        # Reconnect now: the child is about to serve requests and needs pushes.
-        self._ensure_started()
+        if was_started:
+            # Reconnect now: the child is about to serve requests and needs pushes.
+            self._ensure_started()
+
+
+def _transport_factory(settings: Settings, bootstrap: "object") -> Any:
+    """The xDS transport: shared by the pod's processes unless MESHPATCH_SHARE_STREAM=0."""
+    from meshpatch.xds.transport import GrpcAdsTransport
+
+    if not settings.share_stream:
+        return GrpcAdsTransport
+    try:
+        import fcntl  # noqa: F401 - Unix only
+    except ImportError:  # pragma: no cover
+        return GrpcAdsTransport
+    from meshpatch.xds.pod import PodUnavailable, pod_lock_for
+    from meshpatch.xds.shared import SharedTransport
+
+    def factory(server: Any, on_start: Any, on_response: Any, on_end: Any) -> Any:
+        pod = None
+        try:
+            pod = pod_lock_for(settings.runtime_dir, server.identity(), bootstrap.node)  # type: ignore[attr-defined]
+        except PodUnavailable as exc:
+            log.warning("meshpatch: cannot share the xDS stream with the pod's other processes (%s); "
+                        "this process keeps its own", exc)
+        return SharedTransport(server, on_start, on_response, on_end, pod)
+
+    return factory
 
 
 _agent: Optional[Agent] = None
@@ -99,14 +171,41 @@ def _create() -> Optional[Agent]:
             _disabled = True
             return None
         _agent = Agent(settings, bootstrap)
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_after_fork_in_child)
+        global _fork_hooks
+        if hasattr(os, "register_at_fork") and not _fork_hooks:
+            os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                                after_in_child=_after_fork_in_child)
+            _fork_hooks = True
         return _agent
+
+
+_fork_hooks = False
+
+
+def _before_fork() -> None:
+    agent = _agent
+    if agent is not None:
+        try:
+            agent.before_fork()
+        except Exception:  # pragma: no cover - a fork must never fail because of us
+            pass
+
+
+def _after_fork_in_parent() -> None:
+    agent = _agent
+    if agent is not None:
+        try:
+            agent.after_fork_in_parent()
+        except Exception:  # pragma: no cover
+            pass
 
 
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
+    from meshpatch import safety
+
+    safety.reinit_after_fork()
     agent = _agent
     if agent is not None:
         try:

@@ -56,6 +56,18 @@ class NoRouteMatched(MeshError):
         super().__init__(f"meshpatch: no route matched {path!r} for {host}:{port}")
 
 
+class MeshUnavailable(MeshError):
+    """``MESHPATCH_FAIL_MODE=closed``: the host looks like a mesh name (a short
+    name or ``*.svc[.cluster.local]``) but no xDS config for it could be had in
+    time (control plane unreachable or silent).  Failing fast is the choice of
+    apps that must never reach a mesh service unrouted (no mTLS, no policy)."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        super().__init__(f"meshpatch: no xDS config for {host}:{port} ({reason}); MESHPATCH_FAIL_MODE=closed")
+
+
 class Pick:
     """Where one call goes.  Created once per routed call; kept tiny.
 

@@ -32,3 +32,9 @@ def internal_error(site: str, exc: BaseException) -> None:
 def error_counts() -> Dict[str, int]:
     with _lock:
         return dict(_counts)
+
+
+def reinit_after_fork() -> None:
+    """In a forked child: the lock may have been held by a thread that is gone."""
+    global _lock
+    _lock = threading.Lock()

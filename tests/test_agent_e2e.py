@@ -165,7 +165,8 @@ def test_bad_bootstrap_is_one_clear_line_and_the_app_runs_unpatched(tmp_path: Pa
     assert "GRPC_XDS_BOOTSTRAP" in lines[0] and "not valid JSON" in lines[0] and "Fix:" in lines[0]
 
 
-def test_fork_child_routes_with_its_own_stream(cp: ControlPlane) -> None:
+@pytest.mark.parametrize("share", ["0", "1"])
+def test_fork_child_routes_with_its_own_stream(cp: ControlPlane, share: str, tmp_path: Path) -> None:
     code = textwrap.dedent(f"""
         import json, os, requests
         first = requests.get("http://{FQDN}:9080/").json()["server"]   # agent started in the parent
@@ -174,6 +175,8 @@ def test_fork_child_routes_with_its_own_stream(cp: ControlPlane) -> None:
         if pid == 0:
             os.close(r)
             got = [requests.get("http://{FQDN}:9080/").json()["server"] for _ in range(5)]
+            from meshpatch.agent import get_agent
+            got.append(getattr(get_agent().client.transport, "role", "direct"))
             os.write(w, json.dumps(got).encode())
             os._exit(0)
         os.close(w)
@@ -182,11 +185,19 @@ def test_fork_child_routes_with_its_own_stream(cp: ControlPlane) -> None:
         parent = [requests.get("http://{FQDN}:9080/").json()["server"] for _ in range(5)]
         print("RESULT " + json.dumps({{"first": first, "child": child, "parent": parent}}))
     """)
+    env = {"MESHPATCH_XDS_SERVER": cp.address, "MESHPATCH_RESOLVE_TIMEOUT": "5", "MESHPATCH_SHARE_STREAM": share,
+           "MESHPATCH_RUNTIME_DIR": str(tmp_path)}
     with http_server("v1", "127.0.0.2", 9001), http_server("v2", "127.0.0.3", 9002):
-        run = run_app(code, {"MESHPATCH_XDS_SERVER": cp.address, "MESHPATCH_RESOLVE_TIMEOUT": "5"}, timeout=60)
+        run = run_app(code, env, timeout=60)
     assert run.returncode == 0, run
-    assert run.result == {"first": "v1", "child": ["v1"] * 5, "parent": ["v1"] * 5}, run
-    assert cp.server.streams_opened >= 2  # the child opened its own stream; nothing reused the parent's channel
+    if share == "0":
+        assert run.result == {"first": "v1", "child": ["v1"] * 5 + ["direct"], "parent": ["v1"] * 5}, run
+        assert cp.server.streams_opened >= 2  # the child opened its own stream; nothing reused the parent's channel
+    else:
+        # The child shares the parent's upstream stream through the pod relay (a new
+        # channel of its own to the relay socket, never the parent's channel).
+        assert run.result == {"first": "v1", "child": ["v1"] * 5 + ["follower"], "parent": ["v1"] * 5}, run
+        assert cp.server.streams_opened == 1
 
 
 def test_installed_package_adds_one_import_name() -> None:

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from meshpatch.api import NoHealthyUpstream, NoRouteMatched, Pick
+from meshpatch.api import MeshUnavailable, NoHealthyUpstream, NoRouteMatched, Pick
 from meshpatch.routing.target import NOT_FOUND, ClusterManager, HostTarget
 
 log = logging.getLogger("meshpatch.routing")
@@ -45,6 +45,19 @@ def _never_mesh(host: str) -> bool:
         except ValueError:
             return False
     return False
+
+
+def presumed_mesh(host: str, namespace: str, cluster_domain: str) -> bool:
+    """Without the control plane, which names can only be mesh names?  Short
+    names (kube DNS resolves them in the pod's namespace), ``name.<own
+    namespace>`` and ``*.svc`` / ``*.svc.<cluster domain>``.  Used only by
+    fail-closed mode, so every other name keeps working when xDS is down."""
+    host = host.rstrip(".")
+    if "." not in host:
+        return True
+    if host.endswith(".svc") or host.endswith(".svc." + cluster_domain):
+        return True
+    return host.count(".") == 1 and host.rsplit(".", 1)[1] == namespace
 
 
 class _RequestHeaders:
@@ -77,10 +90,17 @@ class _RequestHeaders:
 
 
 class Router:
-    def __init__(self, client: Any, resolve_timeout: float, ensure_started: Callable[[], None]) -> None:
+    def __init__(self, client: Any, resolve_timeout: float, ensure_started: Callable[[], None], *,
+                 fail_closed: bool = False, namespace: str = "default", cluster_domain: str = "cluster.local") -> None:
         self._client = client
         self._timeout = resolve_timeout
         self._ensure_started = ensure_started
+        self.fail_closed = fail_closed
+        self._namespace = namespace
+        self._cluster_domain = cluster_domain
+        # MESHPATCH_HOLD_UNTIL_READY: until this monotonic time, first calls wait
+        # for the control plane even while it is unreachable (0 = not holding).
+        self.hold_until = 0.0
         self._targets: Dict[Tuple[str, int], Any] = {}
         self._create_lock = threading.Lock()
         self.clusters = ClusterManager(client)
@@ -97,6 +117,8 @@ class Router:
         snapshot = target.snapshot
         if snapshot is None:
             if not self._await(target):
+                if self.fail_closed and presumed_mesh(target.host, self._namespace, self._cluster_domain):
+                    raise MeshUnavailable(target.host, port, self._why_unavailable())
                 return None
             snapshot = target.snapshot
         if snapshot is NOT_FOUND or snapshot is None:
@@ -166,17 +188,30 @@ class Router:
 
     def _await(self, target: Any) -> bool:
         """Bounded wait for a new target; never waits once its deadline passed or
-        while the control plane is known to be unreachable."""
+        while the control plane is known to be unreachable -- except while
+        holding until ready, when the first calls wait out the hold."""
         ready = target.ready
         if ready.is_set():
             return True
         now = time.monotonic()
         deadline = target.deadline
         client = self._client
+        hold_until = self.hold_until
+        if hold_until > now:
+            deadline = max(deadline, hold_until)
         while now < deadline:
-            if client.failing:
+            if client.failing and now >= hold_until:
                 return False
             if ready.wait(min(deadline - now, 0.05)):
+                if hold_until and client.connected:
+                    self.hold_until = 0.0  # the control plane answered: the hold is over
                 return True
             now = time.monotonic()
         return False
+
+    def _why_unavailable(self) -> str:
+        client = self._client
+        if client.failing:
+            error = getattr(client.transport, "last_error", "") or "unreachable"
+            return f"control plane unreachable: {error}"
+        return "control plane did not answer in time"
