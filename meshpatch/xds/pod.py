@@ -50,15 +50,21 @@ class PodUnavailable(Exception):
     """The runtime directory cannot be used safely; the process keeps its own stream."""
 
 
+class _Race(Exception):
+    """The directory changed under us (a leader left and cleaned up): try again."""
+
+
 def _private_dir(path: str, strict: bool = True) -> None:
     """Create ``path`` (mode 0700) or check that an existing one is ours and private:
     any process that can write there could impersonate the leader.  The base
     directory may be shared (an emptyDir is 0777); the per-key one may not."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path) if strict else os.stat(path)
+    except (FileExistsError, FileNotFoundError):
+        raise _Race() from None  # a leaving leader removed it under us
     except OSError as exc:
         raise PodUnavailable(f"cannot create {path}: {exc.strerror}") from None
-    st = os.lstat(path) if strict else os.stat(path)
     if not strict:
         if not stat.S_ISDIR(st.st_mode):
             raise PodUnavailable(f"{path} is not a directory")
@@ -88,16 +94,24 @@ class PodLock:
 
     def try_acquire(self) -> bool:
         """Take leadership if nobody holds it; never blocks."""
-        import fcntl
-
         if self._fd is not None:
             return True
+        for _ in range(5):
+            try:
+                return self._try_acquire()
+            except _Race:
+                continue
+        return False
+
+    def _try_acquire(self) -> bool:
+        import fcntl
+
         _private_dir(os.path.dirname(self.directory), strict=False)
         _private_dir(self.directory)
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:  # the directory was just removed by a leader leaving
-            return False
+            raise _Race() from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -108,10 +122,10 @@ class PodLock:
             current = os.stat(self.lock_path)
         except FileNotFoundError:
             os.close(fd)
-            return False
+            raise _Race() from None
         if (mine.st_dev, mine.st_ino) != (current.st_dev, current.st_ino):
             os.close(fd)  # we locked a file a leaving leader had already unlinked
-            return False
+            raise _Race()
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())

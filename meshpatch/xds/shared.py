@@ -49,7 +49,7 @@ class SharedTransport(GrpcAdsTransport):
         on_stream_end: Callable[[str, bool], None],
         pod: Optional[PodLock],
         backoff: Optional[Backoff] = None,
-        follower_patience: float = FOLLOWER_PATIENCE,
+        follower_patience: Optional[float] = None,
     ) -> None:
         super().__init__(server, on_stream_start, on_response, on_stream_end, backoff)
         self.pod = pod
@@ -59,7 +59,7 @@ class SharedTransport(GrpcAdsTransport):
         self.upstream_streams = 0
         self.relay_streams = 0
         self.took_over_at: Optional[float] = None
-        self._patience = follower_patience
+        self._patience = FOLLOWER_PATIENCE if follower_patience is None else follower_patience
         self._orphans: List[Tuple[str, str, Any]] = []
 
     def bind_client(self, client: Any) -> None:

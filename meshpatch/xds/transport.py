@@ -151,6 +151,8 @@ class GrpcAdsTransport:
             self._channel = self._make_channel(grpc, server)
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
             self._call = stub.StreamAggregatedResources(iter(q.get, _CLOSE))
+            if self._stop.is_set():  # stop() ran between our loop check and the call: it could not cancel it
+                self._call.cancel()
             self._queue = q
             self.streams_opened += 1
             self._on_stream_start()
