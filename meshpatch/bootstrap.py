@@ -187,10 +187,20 @@ def _direct_server(settings: Settings) -> XdsServer:
                      token_file=settings.xds_token_file, server_name=settings.xds_tls_server_name)
 
 
+def _with_server_name(bootstrap: Bootstrap, settings: Settings) -> Bootstrap:
+    """MESHPATCH_XDS_TLS_SERVER_NAME also applies to TLS servers of a bootstrap file
+    (a server_uri that is an address, or a name the certificate does not carry)."""
+    if settings.xds_tls_server_name:
+        for server in bootstrap.servers:
+            if server.creds_type == "tls":
+                server.server_name = settings.xds_tls_server_name
+    return bootstrap
+
+
 def load_bootstrap(settings: Settings) -> Optional[Bootstrap]:
     """The bootstrap in force, or None when nothing configures xDS (mesh off, no error)."""
     if not settings.xds_server:
-        for name in ("MESHPATCH_XDS_CA_CERT", "MESHPATCH_XDS_TOKEN_FILE", "MESHPATCH_XDS_TLS_SERVER_NAME"):
+        for name in ("MESHPATCH_XDS_CA_CERT", "MESHPATCH_XDS_TOKEN_FILE"):
             if getattr(settings, _DIRECT_FIELDS[name]):
                 raise ConfigError(name, "is set but MESHPATCH_XDS_SERVER is not",
                                   "set MESHPATCH_XDS_SERVER=istiod.istio-system.svc:15012 too, or configure TLS in the bootstrap file")
@@ -213,11 +223,11 @@ def load_bootstrap(settings: Settings) -> Optional[Bootstrap]:
             data = json.loads(text)
         except ValueError as exc:
             raise ConfigError("GRPC_XDS_BOOTSTRAP", f"{path} is not valid JSON ({exc})", "fix the file or unset the variable") from None
-        return parse_bootstrap(data, "GRPC_XDS_BOOTSTRAP", path)
+        return _with_server_name(parse_bootstrap(data, "GRPC_XDS_BOOTSTRAP", path), settings)
     if settings.bootstrap_inline:
         try:
             data = json.loads(settings.bootstrap_inline)
         except ValueError as exc:
             raise ConfigError("GRPC_XDS_BOOTSTRAP_CONFIG", f"not valid JSON ({exc})", "put the bootstrap JSON itself in the variable") from None
-        return parse_bootstrap(data, "GRPC_XDS_BOOTSTRAP_CONFIG", "GRPC_XDS_BOOTSTRAP_CONFIG")
+        return _with_server_name(parse_bootstrap(data, "GRPC_XDS_BOOTSTRAP_CONFIG", "GRPC_XDS_BOOTSTRAP_CONFIG"), settings)
     return None

@@ -272,6 +272,10 @@ def test_hook_selection(env: Dict[str, str], expected: Dict[str, tuple]) -> None
         ({"MESHPATCH_HOOKS": "requests,urllib"}, "MESHPATCH_HOOKS"),
         ({"MESHPATCH_RESOLVE_TIMEOUT": "soon"}, "MESHPATCH_RESOLVE_TIMEOUT"),
         ({"MESHPATCH_XDS_SERVER": "nohostport"}, "MESHPATCH_XDS_SERVER"),
+        ({"MESHPATCH_FAIL_MODE": "sometimes"}, "MESHPATCH_FAIL_MODE"),
+        ({"MESHPATCH_HOLD_UNTIL_READY": "forever"}, "MESHPATCH_HOLD_UNTIL_READY"),
+        ({"MESHPATCH_SHARE_STREAM": "perhaps"}, "MESHPATCH_SHARE_STREAM"),
+        ({"MESHPATCH_RUNTIME_DIR": "run/meshpatch"}, "MESHPATCH_RUNTIME_DIR"),
     ],
 )
 def test_bad_setting_is_one_clear_line_and_the_app_runs_unpatched(env: Dict[str, str], variable: str) -> None:

@@ -75,6 +75,22 @@ def test_nothing_configured_is_not_an_error() -> None:
         ({"MESHPATCH_RESOLVE_TIMEOUT": "soon"}, "MESHPATCH_RESOLVE_TIMEOUT", "not a number"),
         ({"MESHPATCH_HOOKS": "requests,urllib"}, "MESHPATCH_HOOKS", "unknown hook"),
         ({"MESHPATCH_LOG_LEVEL": "LOUD"}, "MESHPATCH_LOG_LEVEL", "not a log level"),
+        ({"MESHPATCH_FAIL_MODE": "maybe"}, "MESHPATCH_FAIL_MODE", "not a fail mode"),
+        ({"MESHPATCH_HOLD_UNTIL_READY": "soon"}, "MESHPATCH_HOLD_UNTIL_READY", "not a number"),
+        ({"MESHPATCH_HOLD_UNTIL_READY": "-3"}, "MESHPATCH_HOLD_UNTIL_READY", "out of range"),
+        ({"MESHPATCH_SHARE_STREAM": "perhaps"}, "MESHPATCH_SHARE_STREAM", "not a boolean"),
+        ({"MESHPATCH_RUNTIME_DIR": "tmp/x"}, "MESHPATCH_RUNTIME_DIR", "not an absolute path"),
+        ({"MESHPATCH_XDS_SERVER": "istiod:15012", "MESHPATCH_XDS_CA_CERT": "/nonexistent/root-cert.pem"},
+         "MESHPATCH_XDS_CA_CERT", "cannot read"),
+        ({"MESHPATCH_XDS_SERVER": "istiod:15012", "MESHPATCH_XDS_TOKEN_FILE": "/var/run/secrets/tokens/istio-token"},
+         "MESHPATCH_XDS_TOKEN_FILE", "only sent over TLS"),
+        ({"MESHPATCH_XDS_CA_CERT": "/etc/root-cert.pem"}, "MESHPATCH_XDS_CA_CERT", "MESHPATCH_XDS_SERVER is not"),
+        ({"GRPC_XDS_BOOTSTRAP_CONFIG": json.dumps({"xds_servers": [{"server_uri": "x:1", "channel_creds": [{"type": "insecure"}],
+                                                                     "call_creds": [{"type": "jwt_token_file", "config": {"jwt_token_file": "/t"}}]}]})},
+         "GRPC_XDS_BOOTSTRAP_CONFIG", "call_creds but insecure"),
+        ({"GRPC_XDS_BOOTSTRAP_CONFIG": json.dumps({"xds_servers": [{"server_uri": "x:1", "channel_creds": [{"type": "tls"}],
+                                                                     "call_creds": {"type": "jwt_token_file"}}]})},
+         "GRPC_XDS_BOOTSTRAP_CONFIG", "call_creds is not a list"),
     ],
 )
 def test_bad_input_names_variable_and_fix(env: Dict[str, str], variable: str, needle: str) -> None:
@@ -83,3 +99,28 @@ def test_bad_input_names_variable_and_fix(env: Dict[str, str], variable: str, ne
     message = str(info.value)
     assert info.value.variable == variable
     assert message.startswith(variable) and needle in message and "Fix:" in message
+
+
+def test_istiod_direct_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "web-1")  # the downward API's pod name (read from the process env)
+    ca = tmp_path / "root-cert.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    token = tmp_path / "istio-token"
+    token.write_text("jwt")
+    boot = load({"MESHPATCH_XDS_SERVER": "istiod.istio-system.svc:15012", "MESHPATCH_XDS_CA_CERT": str(ca),
+                 "MESHPATCH_XDS_TOKEN_FILE": str(token), "MESHPATCH_NAMESPACE": "shop"})
+    server = boot.servers[0]
+    assert (server.target, server.creds_type, server.creds_config["ca_certificate_file"], server.token_file) == (
+        "istiod.istio-system.svc:15012", "tls", str(ca), str(token))
+    assert boot.node["id"].split("~")[2] == "web-1.shop"
+
+
+def test_local_node_is_the_same_in_every_process_of_a_pod() -> None:
+    """The pod-sharing key includes the node: workers must present the same one."""
+    import subprocess
+    import sys
+
+    code = "from meshpatch.bootstrap import load_bootstrap; from meshpatch.config import Settings; " \
+           "print(load_bootstrap(Settings({'MESHPATCH_XDS_SERVER': '127.0.0.1:1'})).node['id'])"
+    ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(ids) == 1

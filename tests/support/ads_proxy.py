@@ -53,6 +53,7 @@ class AdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.address = f"{host}:{self.port}"
         self._lock = threading.Condition()
         self._current: Optional[_Downstream] = None
+        self._open: "set[_Downstream]" = set()
         self._upstream_channel: Any = None
         # counters
         self.streams_opened = 0
@@ -81,6 +82,13 @@ class AdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def close_all(self) -> None:
+        """End every open downstream stream with status OK (clients reconnect)."""
+        with self._lock:
+            streams = list(self._open)
+        for stream in streams:
+            stream.close()
+
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
         with self._lock:
             return self._lock.wait_for(predicate, timeout)
@@ -91,6 +99,7 @@ class AdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self.streams_active += 1
             self.metadata.append({k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
             downstream = _Downstream(self.streams_opened)
+            self._open.add(downstream)
             previous, self._current = self._current, downstream
             if self.single_stream and previous is not None:
                 self.closed_by_newer += 1
@@ -135,6 +144,7 @@ class AdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             requests.put(_END)
             with self._lock:
                 self.streams_active -= 1
+                self._open.discard(downstream)
                 if self._current is downstream:
                     self._current = None
                 self._lock.notify_all()
