@@ -61,13 +61,14 @@ def node_id_for(namespace: str, pod: str = "client", ip: str = "127.0.0.1") -> s
 class ControlPlane:
     """An in-process :class:`ControlPlaneServer` fed from a temp-dir YAML file."""
 
-    def __init__(self, yaml_text: str = "", *, poll_interval: float = 0.05, filename: str = "mesh.yaml") -> None:
+    def __init__(self, yaml_text: str = "", *, poll_interval: float = 0.05, filename: str = "mesh.yaml",
+                 listen: str = "127.0.0.1:0") -> None:
         self._initial = yaml_text
         self._dir = tempfile.mkdtemp(prefix="meshpatch-cp-")
         self.config_file = os.path.join(self._dir, filename)
         self.config_dir = self._dir
         self._write_file(yaml_text)
-        self.server = ControlPlaneServer(self._dir, listen="127.0.0.1:0", poll_interval=poll_interval)
+        self.server = ControlPlaneServer(self._dir, listen=listen, poll_interval=poll_interval)
 
     @property
     def address(self) -> str:
