@@ -93,8 +93,10 @@ def decode_listener(any_msg: any_pb2.Any) -> Tuple[str, ListenerConfig]:
         api.Unpack(hcm)
     except Exception as exc:
         raise ResourceError(name, f"malformed HttpConnectionManager: {exc}") from None
+    _check_count(name, "http_filters", hcm.http_filters)
+    for http_filter in hcm.http_filters:
+        _check_http_filter(name, http_filter)
     filters = tuple(f.name for f in hcm.http_filters)
-    _check_count(name, "http_filters", filters)
     which = hcm.WhichOneof("route_specifier")
     if which == "rds":
         source = hcm.rds.config_source
@@ -107,6 +109,26 @@ def decode_listener(any_msg: any_pb2.Any) -> Tuple[str, ListenerConfig]:
         routes = _route_config(hcm.route_config, hcm.route_config.name or name)
         return name, ListenerConfig(name, None, routes, filters)
     raise ResourceError(name, f"HttpConnectionManager route specifier {which!r} not supported (need rds or route_config)")
+
+
+# HTTP filters a client honours (gRPC A39): the router, fault injection and RBAC
+# (server side).  Any other filter changes request handling in ways meshpatch
+# would silently skip, so, as gRPC does, it is an error unless marked optional.
+SUPPORTED_HTTP_FILTERS = frozenset({
+    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+    "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+    "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+})
+
+
+def _check_http_filter(listener: str, http_filter: Any) -> None:
+    kind = http_filter.typed_config.type_url if http_filter.HasField("typed_config") else ""
+    if kind in SUPPORTED_HTTP_FILTERS or http_filter.is_optional:
+        return
+    label = http_filter.name or "<unnamed>"
+    if not kind:
+        raise ResourceError(listener, f"http filter {label!r} has no typed_config")
+    raise ResourceError(listener, f"http filter {label!r} of type {kind} is not supported and not optional")
 
 
 # --- RDS -------------------------------------------------------------------
