@@ -280,6 +280,7 @@ def _route_action(action: Any, config_name: str, where: str):
 # --- CDS -------------------------------------------------------------------
 
 _LB_NAMES = {v: k for k, v in cluster_pb2.Cluster.LbPolicy.items()}
+_DISCOVERY_NAMES = {v: k for k, v in cluster_pb2.Cluster.DiscoveryType.items()}
 SUPPORTED_LB = {"ROUND_ROBIN"}
 
 
@@ -290,7 +291,7 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
         raise ResourceError("", "cluster without a name")
     if cluster.WhichOneof("cluster_discovery_type") != "type" or cluster.type != cluster_pb2.Cluster.EDS:
         kind = cluster.WhichOneof("cluster_discovery_type")
-        label = cluster_pb2.Cluster.DiscoveryType.Name(cluster.type) if kind == "type" else kind
+        label = _DISCOVERY_NAMES.get(cluster.type, str(cluster.type)) if kind == "type" else kind  # open enum: any number
         raise ResourceError(name, f"cluster discovery type {label} not supported (only EDS)")
     eds = cluster.eds_cluster_config
     if eds.eds_config.WhichOneof("config_source_specifier") not in ("ads", "self"):

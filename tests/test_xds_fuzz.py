@@ -1,0 +1,274 @@
+"""Hostile xDS: the decoder, the regex matcher and the client, fuzzed.
+
+* decoder: thousands of random and mutated resources (wrong types, random
+  bytes in Any, unknown filters, bad regexes, absurd numbers, Resource
+  wrappers) never raise, never hit the decoder's "internal bug" catch-all, and
+  every rejected resource comes with a reason;
+* regex: random patterns match exactly what ``re`` matches (on short inputs,
+  where ``re`` is fast) and in linear time on long adversarial ones;
+* client: over a real ADS stream, every hostile response is ACKed or NACKed
+  (NACK exactly when a resource is bad, with the reason and the last accepted
+  version) and the last good config keeps routing.
+
+The CI run is a few thousand cases in well under a minute; ``-m slow`` runs
+ten times more.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Callable, Iterator, List
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshpatch.bootstrap import Bootstrap, XdsServer
+from meshpatch.routing.model import ClusterConfig, EndpointsConfig, ListenerConfig, RouteConfig
+from meshpatch.routing.router import Router
+from meshpatch.routing.safe_regex import LazyDfa, compile_pattern
+from meshpatch.xds.client import XdsClient
+from meshpatch.xds.decode import MAX_ITEMS, decode_response
+from meshpatch.xds.transport import Backoff, GrpcAdsTransport
+from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS
+from tests.support import proto_fuzz
+from tests.support import xds_resources as res
+from tests.support.scripted_ads import ScriptedAds
+
+TYPES = [LDS, RDS, CDS, EDS]
+MODELS = {LDS: ListenerConfig, RDS: RouteConfig, CDS: ClusterConfig, EDS: EndpointsConfig}
+FAST = dict(deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+def two_tests(body: Callable[..., None], strategies: List[Any], ci: int, slow: int) -> List[Any]:
+    """Two tests from one body: ``ci`` examples in CI, ``slow`` under -m slow."""
+    def make(examples: int) -> Any:
+        def test(case: Any) -> None:
+            body(*case)
+        return settings(max_examples=examples, **FAST)(given(case=st.tuples(*strategies))(test))
+    return [make(ci), pytest.mark.slow(make(slow))]
+
+
+# --- decoder ----------------------------------------------------------------------
+
+
+@st.composite
+def hostile_response(draw: Any) -> Any:
+    type_url = draw(st.sampled_from(TYPES))
+    resources = draw(st.lists(proto_fuzz.hostile_resource(type_url), min_size=1, max_size=4))
+    return type_url, resources
+
+
+def _decoder_body(case: Any) -> None:
+    type_url, resources = case
+    start = time.monotonic()
+    valid, errors = decode_response(type_url, resources)
+    assert time.monotonic() - start < 2.0
+    for name, model in valid.items():
+        assert isinstance(model, MODELS[type_url]) and name
+    for error in errors:
+        assert error.reason, error
+        assert not error.reason.startswith("cannot decode resource:"), f"decoder bug: {error.reason}"
+    assert valid or errors
+
+
+test_decoder_rejects_hostile_resources_with_a_reason, test_decoder_rejects_hostile_resources_slow = two_tests(
+    _decoder_body, [hostile_response()], 1000, 20000)
+
+
+# --- regex --------------------------------------------------------------------------
+
+ATOMS = st.sampled_from(["a", "b", ".", "[ab]", "[^a]", r"\d", "1", "[a-c1]", "x", r"\.", "(?i:A)"])
+
+
+def _regex(children: st.SearchStrategy) -> st.SearchStrategy:
+    quant = st.sampled_from(["*", "+", "?", "{2}", "{1,3}", "{0,2}", "*?", "{2,}"])
+    return st.one_of(
+        st.tuples(children, children).map("".join),
+        st.tuples(children, children).map(lambda p: f"{p[0]}|{p[1]}"),
+        children.map(lambda p: f"({p})"),
+        st.tuples(children, quant).map(lambda p: f"(?:{p[0]}){p[1]}"),
+    )
+
+
+PATTERNS = st.recursive(ATOMS, _regex, max_leaves=8).map(
+    lambda p: p) | st.tuples(st.sampled_from(["", "^"]), st.recursive(ATOMS, _regex, max_leaves=6),
+                             st.sampled_from(["", "$"])).map("".join)
+
+
+def _regex_body(pattern: str, texts: List[str]) -> None:
+    matcher = compile_pattern(pattern)
+    reference = re.compile(pattern, re.ASCII)
+    for text in texts:
+        assert bool(matcher.fullmatch(text)) == bool(reference.fullmatch(text)), (pattern, text, type(matcher))
+    for adversarial in ("a" * 2500 + "!", "ab" * 1200 + "\n", "1" * 2500):
+        start = time.perf_counter()
+        matcher.fullmatch(adversarial)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 0.25, (pattern, type(matcher).__name__, elapsed)
+
+
+test_regex_matches_like_re_in_linear_time, test_regex_matches_like_re_in_linear_time_slow = two_tests(
+    _regex_body, [PATTERNS, st.lists(st.text(alphabet="ab1x.A\n", max_size=9), min_size=1, max_size=8)], 1000, 10000)
+
+
+CATASTROPHIC = [r"(a+)+$", r"(a|aa)+", r"(a*)*b", r"(x+x+)+y", r".*a.*a.*a.*a.*b", r"(\w+\s?)+$", "a?" * 40 + "a" * 40,
+                r"(.*a){12}", r"((ab)*|b)*c", r"(a|a?)+b"]
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+def test_catastrophic_patterns_run_in_linear_time(pattern: str) -> None:
+    matcher = compile_pattern(pattern)
+    assert isinstance(matcher, LazyDfa)  # never handed to a backtracking engine
+    for size in (1000, 10_000):
+        start = time.perf_counter()
+        matcher.fullmatch("a" * size + "!")
+        elapsed = time.perf_counter() - start
+        assert elapsed < 0.05 * size / 1000 + 0.05, (pattern, size, elapsed)
+    for short in ("", "a", "ab", "aab", "aaab", "ba", "xy", "xxy", "abc", "a b"):
+        assert bool(matcher.fullmatch(short)) == bool(re.fullmatch(pattern, short, re.ASCII)), (pattern, short)
+
+
+@pytest.mark.parametrize("pattern, reason", [
+    (r"(a)\1", "backreferences"), (r"a(?=b)", "look-ahead"), (r"(?<!x)a", "look-ahead"), (r"(?>a+)b", "atomic"),
+    (r"a++", "possessive"), (r"(a)?(?(1)b|c)", "conditionals"), (r"(?x) a b", "flags"), (r"[[:alpha:]]+", "POSIX"),
+    (r"(unclosed", "invalid regex"), ("(?:a{1,1000}){1,1000}", "too large"), ("x" * 5000, "longer than"),
+])
+def test_non_re2_and_oversized_patterns_are_rejected(pattern: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason) if reason != "flags" else "flags exist in RE2"):
+        compile_pattern(pattern)
+
+
+def test_common_route_patterns_keep_the_fast_engine() -> None:
+    for pattern in (r"/api/.*", r"/v[0-9]+", r".*\.(png|jpg)", r"(foo|bar)/.*", r"[a-z0-9-]{1,63}", r"/users/[0-9]+/x"):
+        assert isinstance(compile_pattern(pattern), re.Pattern), pattern
+
+
+# --- explicit hostile shapes ---------------------------------------------------------
+
+
+def test_huge_endpoint_list_is_rejected_quickly() -> None:
+    from google.protobuf import any_pb2
+
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name="big")
+    group = cla.endpoints.add()
+    template = res.cla("t", [("10.0.0.1", 80)]).endpoints[0].lb_endpoints[0]
+    for _ in range(MAX_ITEMS + 1):
+        group.lb_endpoints.add().CopyFrom(template)
+    any_msg = any_pb2.Any()
+    any_msg.Pack(cla)
+    start = time.monotonic()
+    valid, errors = decode_response(EDS, [any_msg])
+    assert time.monotonic() - start < 5
+    assert not valid and "limit" in errors[0].reason and errors[0].name == "big"
+
+
+def test_self_referencing_aggregate_cluster_is_rejected() -> None:
+    from google.protobuf import any_pb2
+
+    cluster = cluster_pb2.Cluster(name="loop")
+    cluster.cluster_type.name = "envoy.clusters.aggregate"
+    cluster.cluster_type.typed_config.Pack(cluster_pb2.Cluster(name="loop"))  # points back at itself
+    packed = any_pb2.Any()
+    packed.Pack(cluster)
+    valid, errors = decode_response(CDS, [packed])
+    assert not valid and errors[0].name == "loop" and "not supported" in errors[0].reason
+
+
+# --- the client over a real stream --------------------------------------------------------
+
+RDS_NAME = "outbound|80||echo"
+RESERVED = {"echo:80", RDS_NAME, "c1", "c2"}
+
+
+class FuzzMesh:
+    def __init__(self) -> None:
+        self.ads = ScriptedAds().start()
+        good_routes = [res.route("/api", cluster="c1", headers={"x-v": "1"}), res.route("/", cluster="c2")]
+        self.good = {
+            LDS: [res.listener("echo:80", RDS_NAME)],
+            RDS: [res.route_config(RDS_NAME, [("vh", ["echo:80"], good_routes)])],
+            CDS: [res.cluster("c1"), res.cluster("c2")],
+            EDS: [res.cla("c1", [("127.0.0.2", 8080)]), res.cla("c2", [("127.0.0.3", 8080)])],
+        }
+        self.ads.serve({t: {(m.cluster_name if t == EDS else m.name): m for m in ms} for t, ms in self.good.items()})
+        boot = Bootstrap([XdsServer(self.ads.address, "insecure", {}, [])],
+                         {"id": "sidecar~127.0.0.1~fuzz.default~default.svc.cluster.local"}, {}, None, "fuzz")
+
+        def transport(*args: Any) -> GrpcAdsTransport:
+            return GrpcAdsTransport(*args, backoff=Backoff(initial=0.05, maximum=0.2))  # type: ignore[arg-type]
+
+        self.client = XdsClient(boot, transport_factory=transport)
+        self.router = Router(self.client, 5.0, self.client.start)
+        assert self.pick() == ("127.0.0.2", "c1")
+        self.ads.wait_request(EDS, lambda r: r.version_info == "v1")
+        self.ads.on_request = None
+        self.round = 0
+
+    def pick(self) -> Any:
+        p = self.router.pick("http", "echo", 80, "GET", "/api", {"x-v": "1"})
+        return (p.address, p.cluster) if p else None
+
+    def close(self) -> None:
+        self.client.stop()
+        self.ads.stop()
+
+
+@pytest.fixture(scope="module")
+def fuzz_mesh() -> Iterator[FuzzMesh]:
+    mesh = FuzzMesh()
+    yield mesh
+    mesh.close()
+
+
+@st.composite
+def hostile_update(draw: Any) -> Any:
+    type_url = draw(st.sampled_from(TYPES))
+    hostile = draw(st.lists(proto_fuzz.hostile_resource(type_url, reserved=RESERVED), min_size=1, max_size=3))
+    return type_url, hostile
+
+
+def _client_body(fuzz_mesh: FuzzMesh, update: Any) -> None:
+    from google.protobuf import any_pb2
+
+    mesh = fuzz_mesh
+    type_url, hostile = update
+    good = []
+    if type_url in (LDS, CDS):  # state of the world: leave out a good one and it is (rightly) deleted
+        for message in mesh.good[type_url]:
+            packed = any_pb2.Any()
+            packed.Pack(message)
+            good.append(packed)
+    resources = good + hostile
+    _, expected_errors = decode_response(type_url, resources)
+    before = mesh.client.type_stats(type_url)["version"]
+    mesh.round += 1
+    version = f"fuzz-{mesh.round}"
+    stream = mesh.ads.streams[-1]
+    count = len(stream.requests)
+    nonce = mesh.ads.respond(type_url, resources, version, raw=True)
+    reply = mesh.ads.wait_request(type_url, lambda r: r.response_nonce == nonce, after=count, timeout=5)
+    if expected_errors:
+        assert reply.HasField("error_detail") and reply.error_detail.message
+        assert reply.version_info == before
+        for error in expected_errors:
+            if error.name:
+                assert error.name in reply.error_detail.message
+    else:
+        assert not reply.HasField("error_detail") and reply.version_info == version
+    assert mesh.pick() == ("127.0.0.2", "c1")  # the last good config still routes
+
+
+def _client_test(examples: int) -> Any:
+    @settings(max_examples=examples, **FAST)
+    @given(update=hostile_update())
+    def test(fuzz_mesh: FuzzMesh, update: Any) -> None:
+        _client_body(fuzz_mesh, update)
+    return test
+
+
+test_client_nacks_hostile_responses_and_keeps_last_good = _client_test(400)
+test_client_nacks_hostile_responses_and_keeps_last_good_slow = pytest.mark.slow(_client_test(4000))
