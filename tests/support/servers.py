@@ -183,11 +183,32 @@ class HttpServer:
         self.connections = 0
         self.seen: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._sockets: List[socket.socket] = []
+        self._server: Any = None
 
-    def _count_connection(self) -> int:
+    def _count_connection(self, sock: Any = None) -> int:
         with self._lock:
             self.connections += 1
+            if sock is not None:
+                self._sockets.append(sock)
             return self.connections
+
+    def kill(self) -> None:
+        """Die like a pod: stop listening (new connections are refused) and reset
+        every open keep-alive connection."""
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        server.shutdown()
+        server.server_close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _record(self, info: Dict[str, Any]) -> None:
         with self._lock:
@@ -206,7 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection_number = self.server.state._count_connection()  # type: ignore[attr-defined]
+        self.connection_number = self.server.state._count_connection(self.connection)  # type: ignore[attr-defined]
         sni = None
         if isinstance(self.connection, ssl.SSLSocket):
             sni = getattr(self.connection, "_meshtest_sni", None)
@@ -262,6 +283,7 @@ def http_server(name: str, host: str = "127.0.0.2", port: int = 0, tls: Optional
     server = _Server((host, port), _Handler)
     state = HttpServer(name, host, server.server_address[1], "https" if tls else "http")
     server.state = state  # type: ignore[attr-defined]
+    state._server = server
     server.sni_by_socket = {}  # type: ignore[attr-defined]
     if tls is not None:
         context = tls.server_context()
@@ -280,8 +302,10 @@ def http_server(name: str, host: str = "127.0.0.2", port: int = 0, tls: Optional
     try:
         yield state
     finally:
-        server.shutdown()
-        server.server_close()
+        if state._server is not None:
+            state._server = None
+            server.shutdown()
+            server.server_close()
         thread.join(timeout=5)
 
 
