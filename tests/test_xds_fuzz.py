@@ -49,7 +49,7 @@ def two_tests(body: Callable[..., None], strategies: List[Any], ci: int, slow: i
         def test(case: Any) -> None:
             body(*case)
         return settings(max_examples=examples, **FAST)(given(case=st.tuples(*strategies))(test))
-    return [make(ci), pytest.mark.slow(make(slow))]
+    return [make(ci), pytest.mark.timeout(1800)(pytest.mark.slow(make(slow)))]
 
 
 # --- decoder ----------------------------------------------------------------------
@@ -271,4 +271,4 @@ def _client_test(examples: int) -> Any:
 
 
 test_client_nacks_hostile_responses_and_keeps_last_good = _client_test(400)
-test_client_nacks_hostile_responses_and_keeps_last_good_slow = pytest.mark.slow(_client_test(4000))
+test_client_nacks_hostile_responses_and_keeps_last_good_slow = pytest.mark.timeout(1800)(pytest.mark.slow(_client_test(4000)))
