@@ -7,7 +7,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict
 
 import pytest
 
@@ -17,7 +17,7 @@ from meshpatch.bootstrap import load_bootstrap
 from meshpatch.config import Settings
 from meshpatch.routing.router import presumed_mesh
 from tests.support.controlplane import ControlPlane, control_plane
-from tests.support.servers import free_port, grpc_server, http_server, run_app
+from tests.support.servers import free_port, http_server, run_app
 from tests.test_agent_e2e import FQDN, mesh
 
 

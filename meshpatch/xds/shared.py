@@ -21,6 +21,7 @@ apart.  Before each stream it decides what this process is:
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from typing import Any, Callable, List, Optional, Tuple
@@ -111,10 +112,10 @@ class SharedTransport(GrpcAdsTransport):
             self.relay = relay
             if self.role == FOLLOWER and self.relay_streams:
                 self.took_over_at = time.monotonic()
-                log.info("meshpatch: took over the pod's xDS stream (pid %d) from the last-known config", _pid())
+                log.info("meshpatch: took over the pod's xDS stream (pid %d) from the last-known config", os.getpid())
             else:
                 log.info("meshpatch: this process (pid %d) holds the pod's xDS stream; workers share it via %s",
-                         _pid(), pod.socket_path)
+                         os.getpid(), pod.socket_path)
             self._backoff.reset()
         self.role = LEADER
         return True
@@ -183,9 +184,3 @@ class SharedTransport(GrpcAdsTransport):
             else:
                 self._stream_ended(error, had_response)
             self._stop.wait(delay)
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
