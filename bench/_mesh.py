@@ -39,14 +39,20 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a killed pod's half-written replies are expected, not news
+
+
 class Pod:
     """An HTTP server on 127.0.0.x that names itself; ``kill()`` closes it hard
     (listening socket and every open connection), like a pod that died."""
 
     def __init__(self, name: str, address: str, port: int = 0) -> None:
         self.name = name
-        self.server = ThreadingHTTPServer((address, port), _Handler)
-        self.server.daemon_threads = True
+        self.server = _Server((address, port), _Handler)
         self.server.name = name  # type: ignore[attr-defined]
         self.address, self.port = self.server.server_address[:2]
         self._sockets: List[socket.socket] = []
