@@ -265,3 +265,30 @@ def test_behind_a_single_stream_agent_proxy(cp: ControlPlane, pod: Pod, share: s
             for a in agents:
                 a.router.pick("http", FQDN, 9080, "GET", "/")
             assert proxy.wait_for(lambda: proxy.closed_by_newer >= 3, timeout=5)
+
+
+def test_relay_speaks_sotw_like_a_control_plane(cp: ControlPlane, pod: Pod) -> None:
+    """The relay socket, seen by a raw ADS client: first requests and name changes
+    are answered (LDS complete, on-demand upstream subscription), ACKs are not,
+    NACKs are counted and answered with nothing."""
+    from tests.support.controlplane import AdsClient, decode
+
+    leader = pod.agent()
+    assert address(leader) == "127.0.0.2"
+    relay = leader.client.transport.relay
+    reviews, ratings = f"{FQDN}:9080", f"{RATINGS}:9080"
+    with AdsClient("unix:" + relay.socket_path) as ads:
+        ads.send(LDS, [reviews])
+        first = ads.recv()
+        assert set(decode(first)) == {reviews} and first.version_info
+        ads.ack(first)
+        assert ads.no_response(0.3)  # an ACK with the same names gets nothing
+        both = ads.subscribe(LDS, [reviews, ratings])  # ratings: nobody had asked; fetched upstream on demand
+        assert set(decode(both)) == {reviews, ratings}
+        ads.nack(both, [reviews, ratings], "worker disagrees")
+        assert ads.no_response(0.3)
+        assert relay.nacks == 1 and relay.streams_active == 1
+        assert cp.server.streams_opened == 1
+    wait(lambda: relay.streams_active == 0)
+    # the follower that asked for ratings is gone: the leader drops it upstream too
+    wait(lambda: leader.client.resource_status(LDS, ratings) is None)

@@ -54,7 +54,8 @@ class _Watch:
 
     def _changed(self) -> None:
         for stream in list(self.streams):
-            stream.events.put(self.type_url)
+            if not stream.subscribing:
+                stream.events.put(self.type_url)
 
     def on_resource(self, type_url: str, name: str, value: Any) -> None:
         self._changed()
@@ -74,6 +75,9 @@ class _Stream:
         self.seen_type: Set[str] = set()
         self.owed: Set[str] = set()  # types with a request or change not yet answered
         self.nonce: Dict[str, str] = {}
+        # True while this stream's own subscription change runs (under the client
+        # lock): a cached value delivered by watch() then is already owed an answer.
+        self.subscribing = False
 
 
 class RelayServer:
@@ -205,16 +209,24 @@ class RelayServer:
     def _resubscribe(self, stream: _Stream, type_url: str, old: Set[str], new: Set[str]) -> None:
         client = self.client
         with client.lock:
-            for name in new - old:
-                watch = self._watches.get((type_url, name))
-                if watch is None:
-                    watch = self._watches[(type_url, name)] = _Watch(type_url, name)
-                    watch.streams.add(stream)
-                    client.watch(type_url, name, watch)
-                else:
-                    watch.streams.add(stream)
-            for name in old - new:
-                self._drop(stream, type_url, name)
+            stream.subscribing = True
+            try:
+                self._watch_names(stream, type_url, old, new)
+            finally:
+                stream.subscribing = False
+
+    def _watch_names(self, stream: _Stream, type_url: str, old: Set[str], new: Set[str]) -> None:
+        client = self.client
+        for name in new - old:
+            watch = self._watches.get((type_url, name))
+            if watch is None:
+                watch = self._watches[(type_url, name)] = _Watch(type_url, name)
+                watch.streams.add(stream)
+                client.watch(type_url, name, watch)
+            else:
+                watch.streams.add(stream)
+        for name in old - new:
+            self._drop(stream, type_url, name)
 
     def _drop(self, stream: _Stream, type_url: str, name: str) -> None:
         watch = self._watches.get((type_url, name))
