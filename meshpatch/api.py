@@ -65,7 +65,7 @@ class Pick:
     telemetry and later policies.
     """
 
-    __slots__ = ("address", "port", "cluster", "metadata", "authority", "route")
+    __slots__ = ("address", "port", "cluster", "metadata", "authority", "route", "endpoint", "handle")
 
     def __init__(
         self,
@@ -75,6 +75,8 @@ class Pick:
         metadata: Mapping[str, Any],
         authority: str,
         route: str = "",
+        endpoint: Any = None,
+        handle: Any = None,
     ) -> None:
         self.address = address
         self.port = port
@@ -82,6 +84,18 @@ class Pick:
         self.metadata = metadata
         self.authority = authority
         self.route = route
+        self.endpoint = endpoint
+        self.handle = handle
+
+    def started(self) -> None:
+        """The attempt to this endpoint begins (hooks call it right before sending)."""
+        if self.handle is not None:
+            self.handle.on_attempt_start(self.endpoint)
+
+    def finished(self, outcome: Any) -> None:
+        """The attempt ended with ``outcome`` (a :class:`meshpatch.routing.outcome.Outcome`)."""
+        if self.handle is not None:
+            self.handle.on_attempt_end(self.endpoint, outcome)
 
     def __repr__(self) -> str:
         return f"Pick({self.address}:{self.port} cluster={self.cluster!r} route={self.route!r})"

@@ -123,7 +123,8 @@ class Router:
             endpoint = handle.picker.pick()
             if endpoint is None:
                 raise NoHealthyUpstream(host, port, handle.name, getattr(handle.picker, "reason", ""))
-            return Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, target.authority, route.name)
+            return Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, target.authority, route.name,
+                        endpoint, handle)
         raise NoRouteMatched(host, port, path)
 
     def prefetch(self, host: str, port: Optional[int], scheme: str = "http") -> None:

@@ -32,9 +32,15 @@ MISSING = "missing"
 
 
 class ClusterHandle:
-    """A cluster's config and endpoint picker, shared by every target that routes to it."""
+    """A cluster's config and endpoint picker, shared by every target that routes to it.
 
-    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "__weakref__")
+    Hooks report every attempt (``on_attempt_start`` / ``on_attempt_end``) so the
+    cluster can keep per-endpoint state — in-flight requests for least-request and
+    circuit breaking, results for outlier detection — keyed by ``(address, port)``
+    so it survives EDS updates that rebuild the endpoint objects.
+    """
+
+    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight", "__weakref__")
 
     def __init__(self, name: str, client: Any) -> None:
         self.name = name
@@ -44,6 +50,15 @@ class ClusterHandle:
         self.eds_name: Optional[str] = None
         self.users: List["HostTarget"] = []
         self._client = client
+        self.in_flight = 0
+
+    # per-attempt reporting (called by hooks, from any thread; no lock: int
+    # updates of one attribute are atomic enough for accounting under the GIL)
+    def on_attempt_start(self, endpoint: Any) -> None:
+        self.in_flight += 1
+
+    def on_attempt_end(self, endpoint: Any, outcome: Any) -> None:
+        self.in_flight -= 1
 
     # xDS watcher protocol
     def on_resource(self, type_url: str, name: str, value: Any) -> None:
