@@ -56,6 +56,17 @@ class NoRouteMatched(MeshError):
         super().__init__(f"meshpatch: no route matched {path!r} for {host}:{port}")
 
 
+class CircuitBreakerOpen(MeshError):
+    """A cluster's circuit breaker refused the call (max_requests, max_pending_requests
+    or max_retries reached): Envoy answers 503 with ``x-envoy-overloaded``, gRPC
+    fails with UNAVAILABLE.  Raised before anything is sent, so failing fast."""
+
+    def __init__(self, cluster: str, limit: str) -> None:
+        self.cluster = cluster
+        self.limit = limit
+        super().__init__(f"meshpatch: circuit breaker open for cluster {cluster} ({limit} reached)")
+
+
 class Pick:
     """Where one call goes.  Created once per routed call; kept tiny.
 

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from meshpatch.api import NoHealthyUpstream, NoRouteMatched, Pick
+from meshpatch.api import CircuitBreakerOpen, NoHealthyUpstream, NoRouteMatched, Pick
 from meshpatch.routing.target import NOT_FOUND, ClusterManager, HostTarget
 
 log = logging.getLogger("meshpatch.routing")
@@ -120,6 +120,9 @@ class Router:
             if chooser is None:  # non-forwarding action: not a client route
                 raise NoRouteMatched(host, port, path)
             handle = chooser.choose()
+            refused = handle.admit_request()
+            if refused is not None:
+                raise CircuitBreakerOpen(handle.name, refused)
             endpoint = handle.picker.pick()
             if endpoint is None:
                 raise NoHealthyUpstream(host, port, handle.name, getattr(handle.picker, "reason", ""))

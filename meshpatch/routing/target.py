@@ -60,6 +60,19 @@ class ClusterHandle:
     def on_attempt_end(self, endpoint: Any, outcome: Any) -> None:
         self.in_flight -= 1
 
+    # circuit breaking (thresholds from CDS circuit_breakers); the router calls
+    # admit_request before picking, the retry logic admit_retry before a retry
+    # and retry_finished when that retry's attempt ended.
+    def admit_request(self) -> Optional[str]:
+        """None to admit, else the name of the limit that refuses the call."""
+        return None
+
+    def admit_retry(self) -> Optional[str]:
+        return None
+
+    def retry_finished(self) -> None:
+        pass
+
     # xDS watcher protocol
     def on_resource(self, type_url: str, name: str, value: Any) -> None:
         if type_url == CDS:
