@@ -23,6 +23,9 @@ import grpc
 
 from meshpatch import safety
 from meshpatch.api import MeshError
+from meshpatch.routing import outcome as oc
+
+_GRPC_OK = oc.Outcome(oc.OK, grpc_status="OK")  # immutable in practice: shared by every successful attempt
 
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
@@ -267,10 +270,8 @@ def _bounded(timeout: Optional[float], limit: Optional[float]) -> Optional[float
 
 def outcome_of(error: Optional[BaseException]) -> Any:
     """An attempt's Outcome from its gRPC error (None = OK)."""
-    from meshpatch.routing import outcome as oc
-
     if error is None:
-        return oc.Outcome(oc.OK, grpc_status="OK")
+        return _GRPC_OK
     code = getattr(error, "code", None)
     try:
         status = code() if callable(code) else None

@@ -69,12 +69,13 @@ class Call:
         self.handle = handle
         self.request_hash = request_hash
         self.is_grpc = scheme == "grpc"
-        self.tried: Optional[set] = None
+        self.tried: Any = None  # (address, port) of the first attempt; a set once retries start
         self.retries = 0
         self.attempts = 0
         self._in_retry = False
         self.started = time.monotonic()
-        timeout = self.timeout
+        action = route.action
+        timeout = action.max_stream_duration if self.is_grpc and action.max_stream_duration > 0 else action.timeout
         self.deadline = self.started + timeout if timeout > 0 else None
 
     # -- what kind of call ------------------------------------------------
@@ -109,14 +110,16 @@ class Call:
 
     def next_pick(self) -> Pick:
         handle = self.handle
-        endpoint = handle.picker.pick(self.request_hash, self.tried)
+        tried = self.tried
+        if tried is not None and type(tried) is tuple:
+            tried = self.tried = {tried}
+        endpoint = handle.picker.pick(self.request_hash, tried)
         if endpoint is None:
             raise NoHealthyUpstream(self.host, self.port, handle.name, getattr(handle.picker, "reason", ""))
-        key = (endpoint.address, endpoint.port)
-        if self.tried is None:
-            self.tried = {key}
+        if tried is None:
+            self.tried = (endpoint.address, endpoint.port)  # a set only if a retry needs it
         else:
-            self.tried.add(key)
+            tried.add((endpoint.address, endpoint.port))
         self.attempts += 1
         return Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, self.authority, self.route.name,
                     endpoint, handle)
@@ -160,7 +163,13 @@ class Call:
         max_retries budget, with fully jittered exponential backoff
         (25 ms base, 10x cap by default)."""
         retry = self.policy.retry
-        if retry is None or self.retries >= retry.num_retries or not self.retriable(outcome):
+        if retry is None:
+            return None
+        if outcome.kind == OK:  # fast path for the common case: a non-error answer
+            status = outcome.http_status
+            if (status is not None and status < 409) or outcome.grpc_status == "OK":
+                return None
+        if self.retries >= retry.num_retries or not self.retriable(outcome):
             return None
         bound = min(retry.base_interval * (2 ** self.retries), retry.max_interval)
         delay = random.uniform(0, bound)
