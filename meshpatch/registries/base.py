@@ -147,17 +147,15 @@ class Registry:
     def publish(self, services: Mapping[str, Iterable[Instance]]) -> None:
         """Replace the snapshot (only when it changed) and tell the catalog."""
         new = {name: tuple(sorted(set(items), key=_order)) for name, items in services.items()}
+        first = not self.first_attempt.is_set()
         if new != self._services:
             self._services = new
             self.updates += 1
-            callback = self._on_change
-            if callback is not None:
-                try:
-                    callback(self)
-                except Exception as exc:  # the watch loop must survive a routing bug
-                    from meshpatch.safety import internal_error
-
-                    internal_error(f"registry.{self.scheme}.on_change", exc)
+            self.first_attempt.set()
+            self._notify()
+        elif first:
+            self.first_attempt.set()
+            self._notify()  # nothing listed, but "settled" changed for waiting calls
         self.reachable()
 
     def reachable(self) -> None:
@@ -167,7 +165,10 @@ class Registry:
         self.first_attempt.set()
 
     def unreachable(self, reason: str) -> None:
-        """One log line per outage; the last snapshot stays in force."""
+        """One log line per outage; the last snapshot stays in force.  The first
+        failure also tells the catalog: calls waiting for this source's first
+        answer may go on without it."""
+        first = not self.first_attempt.is_set()
         if not self._reported_down:
             self._reported_down = True
             if self.updates:
@@ -177,6 +178,24 @@ class Registry:
                 log.warning("meshpatch: registry %s unreachable (%s); its services are not routed until it answers, "
                             "retrying in the background", self.description, reason)
         self.first_attempt.set()
+        if first:
+            self._notify()
+
+    def mark_attempted(self) -> None:
+        """The first answer of any kind (even "cannot parse") settles waiting calls."""
+        if not self.first_attempt.is_set():
+            self.first_attempt.set()
+            self._notify()
+
+    def _notify(self) -> None:
+        callback = self._on_change
+        if callback is not None:
+            try:
+                callback(self)
+            except Exception as exc:  # the watch loop must survive a routing bug
+                from meshpatch.safety import internal_error
+
+                internal_error(f"registry.{self.scheme}.on_change", exc)
 
     def _main(self) -> None:
         suppress_current_context()

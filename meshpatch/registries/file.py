@@ -123,7 +123,7 @@ class FileRegistry(Registry):
         except FileFormatError as exc:
             self._bad = stamp
             log.warning("meshpatch: registry file %s: %s; keeping the last good list", path, exc)
-            self.first_attempt.set()
+            self.mark_attempted()
             return
         self._seen = stamp
         self._bad = None

@@ -90,6 +90,9 @@ class ClusterHandle:
     def _set_endpoints(self, endpoints: EndpointsConfig) -> None:
         self._eds = endpoints
         self._rebuild()
+        key = self._registry_key
+        if self.state == PENDING and key is not None and not self._registry.settled(key[1]):
+            return  # resolved once the registries have answered for the host too (registry_changed)
         self.state = RESOLVED
         self._changed()
 
@@ -110,9 +113,15 @@ class ClusterHandle:
         """A registry changed (under the xDS lock): rebuild the picker if this
         cluster's host is affected; the routes that use it need no change."""
         key = self._registry_key
-        if key is None or self.state != RESOLVED:
+        if key is None or self._eds is None:
             return
-        if (self._registry.instances(key[1]) or ()) != self._registry_seen:
+        if self.state == PENDING:
+            if self._registry.settled(key[1]):
+                self._rebuild()
+                self.state = RESOLVED
+                self._changed()
+            return
+        if self.state == RESOLVED and (self._registry.instances(key[1]) or ()) != self._registry_seen:
             self._rebuild()
 
     def _changed(self) -> None:
