@@ -253,9 +253,18 @@ class _JsonHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that hung up on a long-poll (the app exiting)
+        super().handle_error(request, client_address)
+
+
 class _HttpFake:
     def __init__(self, handler: type) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = _QuietServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         self.server.block_on_close = False
         self.server.fake = self  # type: ignore[attr-defined]
