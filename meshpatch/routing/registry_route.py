@@ -19,38 +19,41 @@ from meshpatch.routing.lb import EmptyPicker, Picker, build_picker
 from meshpatch.routing.matchers import PathMatcher
 from meshpatch.routing.merge import for_port, merge_endpoints
 from meshpatch.routing.model import Route, RouteAction, RouteMatch
+from meshpatch.routing.target import NOT_FOUND, RESOLVED, ClusterChooser, ClusterHandle, CompiledRoute, TargetSnapshot
 
 log = logging.getLogger("meshpatch.routing")
 
 
-class RegistryCluster:
-    """Stands where a ClusterHandle would: ``name`` and ``picker``."""
+class RegistryCluster(ClusterHandle):
+    """Stands where an xDS cluster would: a ClusterHandle (so per-attempt
+    accounting and policies that live there apply) fed by a registry, not xDS."""
 
-    __slots__ = ("name", "picker", "instances", "port")
+    __slots__ = ("instances", "port")
 
     def __init__(self, host: str, port: int) -> None:
-        self.name = f"registry|{port}||{host}"
+        super().__init__(f"registry|{port}||{host}", None)
         self.port = port
-        self.picker: Picker = EmptyPicker("no registry instances")
+        self.picker = EmptyPicker("no registry instances")
         self.instances: Tuple[Any, ...] = ()
+        self.state = RESOLVED
 
     def update(self, instances: Tuple[Any, ...]) -> None:
         if instances == self.instances:
             return
         self.instances = instances
         joining = for_port(instances, self.port)
-        self.picker = build_picker(merge_endpoints(self.name, None, joining))
-        if isinstance(self.picker, EmptyPicker):
-            self.picker = EmptyPicker("no healthy registry instances")
+        picker = build_picker(merge_endpoints(self.name, None, joining))
+        self.picker = EmptyPicker("no healthy registry instances") if isinstance(picker, EmptyPicker) else picker
+
+    def release(self) -> None:
+        pass  # no xDS watches
 
 
 def registry_snapshot(host: str, port: int, instances: Tuple[Any, ...]) -> Tuple[Any, RegistryCluster]:
-    from meshpatch.routing.target import ClusterChooser, CompiledRoute, TargetSnapshot
-
     cluster = RegistryCluster(host, port)
     cluster.update(instances)
     route = Route("registry", RouteMatch(PathMatcher("prefix", "/", True)), RouteAction("cluster", cluster=cluster.name))
-    compiled = CompiledRoute(route, ClusterChooser([(1, cluster)]))  # type: ignore[list-item]
+    compiled = CompiledRoute(route, ClusterChooser([(1, cluster)]))
     return TargetSnapshot((compiled,), f"registry:{host}", ""), cluster
 
 
@@ -69,8 +72,6 @@ class RegistryFallback:
 
     def evaluate(self) -> Tuple[Any, bool]:
         """(snapshot or NOT_FOUND or None, settled): None = still waiting for a registry's first answer."""
-        from meshpatch.routing.target import NOT_FOUND
-
         instances = self.registry.instances(self.host)
         if instances is None:
             self.cluster = None

@@ -33,9 +33,15 @@ MISSING = "missing"
 
 
 class ClusterHandle:
-    """A cluster's config and endpoint picker, shared by every target that routes to it."""
+    """A cluster's config and endpoint picker, shared by every target that routes to it.
 
-    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "_eds", "_registry",
+    Hooks report every attempt (``on_attempt_start`` / ``on_attempt_end``) so the
+    cluster can keep per-endpoint state — in-flight requests for least-request and
+    circuit breaking, results for outlier detection — keyed by ``(address, port)``
+    so it survives EDS updates that rebuild the endpoint objects.
+    """
+
+    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight", "_eds", "_registry",
                  "_registry_key", "_registry_seen", "__weakref__")
 
     def __init__(self, name: str, client: Any, registry: Any = None) -> None:
@@ -46,6 +52,7 @@ class ClusterHandle:
         self.eds_name: Optional[str] = None
         self.users: List["HostTarget"] = []
         self._client = client
+        self.in_flight = 0
         # Registry merge (README "Registries"): the picker is built from EDS ∪
         # the registry instances of the cluster's host, rebuilt when either changes.
         self._eds: Optional[EndpointsConfig] = None
@@ -54,6 +61,27 @@ class ClusterHandle:
         self._registry_seen: Any = None
         if self._registry_key is not None:
             registry.watch_host(self._registry_key[1])
+
+    # per-attempt reporting (called by hooks, from any thread; no lock: int
+    # updates of one attribute are atomic enough for accounting under the GIL)
+    def on_attempt_start(self, endpoint: Any) -> None:
+        self.in_flight += 1
+
+    def on_attempt_end(self, endpoint: Any, outcome: Any) -> None:
+        self.in_flight -= 1
+
+    # circuit breaking (thresholds from CDS circuit_breakers); the router calls
+    # admit_request before picking, the retry logic admit_retry before a retry
+    # and retry_finished when that retry's attempt ended.
+    def admit_request(self) -> Optional[str]:
+        """None to admit, else the name of the limit that refuses the call."""
+        return None
+
+    def admit_retry(self) -> Optional[str]:
+        return None
+
+    def retry_finished(self) -> None:
+        pass
 
     # xDS watcher protocol
     def on_resource(self, type_url: str, name: str, value: Any) -> None:
@@ -198,15 +226,18 @@ class ClusterChooser:
 
 
 class CompiledRoute:
-    __slots__ = ("name", "path", "headers", "fraction", "chooser", "action")
+    __slots__ = ("name", "path", "headers", "query", "fraction", "chooser", "action", "hash_policies", "route")
 
     def __init__(self, route: Route, chooser: Optional[ClusterChooser]) -> None:
         self.name = route.name
         self.path = route.match.path
         self.headers = route.match.headers
+        self.query = route.policy.query
         self.fraction = route.match.fraction
         self.chooser = chooser
         self.action = route.action
+        self.hash_policies = route.policy.hash_policies
+        self.route = route
 
 
 class RouteTable:
@@ -383,6 +414,7 @@ class HostTarget:
                 names.append(action.cluster)
             elif action.kind == "weighted":
                 names.extend(w.name for w in action.weighted)
+            names.extend(m.cluster for m in route.policy.mirrors)
         self._set_clusters(list(dict.fromkeys(names)))
         self._pending_routes = routes
         self._pending_vhost = vhost.name if vhost is not None else ""
