@@ -6,6 +6,7 @@ meshpatch's real client code talks real HTTP to them on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -131,3 +132,37 @@ print("RESULT " + json.dumps(out))
     assert result.returncode == 0 and result.result == "untouched", result
     lines = [line for line in result.stderr.splitlines() if "MESHPATCH_REGISTRY" in line]
     assert len(lines) == 1 and "Fix:" in lines[0], result.stderr
+
+
+def test_forked_child_keeps_the_registry_list_and_follows_changes(tmp_path) -> None:
+    """After a fork (gunicorn --preload, multiprocessing) the child routes at once
+    from the inherited list and its own new watcher thread sees later changes."""
+    path = tmp_path / "registry.yaml"
+    with http_server("a", "127.0.0.2") as a, http_server("b", "127.0.0.3") as b:
+        path.write_text(f"services:\n  inventory:\n  - 127.0.0.2:{a.port}\n")
+        code = f"""
+import json, os, time, requests
+first = requests.get("http://inventory/", timeout=5).json()["server"]
+pid = os.fork()
+if pid == 0:
+    out = {{"child_first": requests.get("http://inventory/", timeout=5).json()["server"]}}
+    with open({str(path)!r} + ".tmp", "w") as f:
+        f.write("services:\\n  inventory:\\n  - 127.0.0.3:{b.port}\\n")
+    os.replace({str(path)!r} + ".tmp", {str(path)!r})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        server = requests.get("http://inventory/", timeout=5).json()["server"]
+        if server == "b":
+            break
+        time.sleep(0.05)
+    out["child_after_change"] = server
+    with open({str(tmp_path / "child.json")!r}, "w") as f:
+        json.dump(out, f)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("RESULT " + json.dumps({{"parent_first": first, "child_status": status}}))
+"""
+        result = run_app(code, {"MESHPATCH_REGISTRY": f"file://{path}?interval=0.1", "MESHPATCH_RESOLVE_TIMEOUT": "5"})
+        assert result.returncode == 0, result
+        assert result.result == {"parent_first": "a", "child_status": 0}, result
+        assert json.loads((tmp_path / "child.json").read_text()) == {"child_first": "a", "child_after_change": "b"}

@@ -109,7 +109,8 @@ def test_dubbo_providers_deregistration_and_zookeeper_loss(zk_server: ZooKeeperS
 
             zk_server.start()
             # kazoo (ours and the test's) reconnect on their own; a change after that is seen again
-            zk.delete(nodes["a"][0])
+            wait_until(lambda: zk.connected, 30, what="the test's ZooKeeper client reconnecting")
+            zk.retry(zk.delete, nodes["a"][0])
             app.until(lambda: app.http(http_url, 10), lambda seen: seen == {"b": 10}, timeout=30)
         assert app.proc.returncode == 0, app.stderr()
 
