@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.support.controlplane import control_plane
-from tests.support.registries import AppSession, FakeConsul, FakeNacos, wait_until
+from tests.support.registries import AppSession, FakeConsul, FakeNacos
 from tests.support.servers import http_server, run_app
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]

@@ -5,17 +5,15 @@ and the merge with xDS endpoints (table-driven, README "Registries")."""
 from __future__ import annotations
 
 import collections
-import os
 import threading
-import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 import pytest
 
 from meshpatch.config import ConfigError, Settings
 from meshpatch.registries import available_sources, build_catalog
 from meshpatch.registries.base import Instance, Registry
-from meshpatch.registries.catalog import Catalog, merge_instances
+from meshpatch.registries.catalog import Catalog
 from meshpatch.registries.config import RegistryURI, parse_aliases, parse_registries, split_uris
 from meshpatch.registries.consul import parse_health
 from meshpatch.registries.etcd import decode_kv, prefix_range_end

@@ -12,9 +12,10 @@ keeps working on the last known list, as Dubbo and Nacos clients do).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 from meshpatch.internal import suppress_current_context
 from meshpatch.registries.config import RegistryURI
@@ -198,16 +199,22 @@ class Registry:
                 internal_error(f"registry.{self.scheme}.on_change", exc)
 
     def _main(self) -> None:
+        """The source's thread: everything it does is meshpatch's own traffic.
+        ``run`` handles the registry's own errors; anything else it raises is
+        retried with backoff (reset after a run that lasted a while)."""
         suppress_current_context()
         stop = self._stop
         backoff = Backoff()
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 self.run()
                 return
             except Exception as exc:
                 if stop.is_set():
                     return
+                if time.monotonic() - started > 30:
+                    backoff.reset()
                 self.unreachable(f"{type(exc).__name__}: {exc}")
                 if not self.sleep(backoff.next()):
                     return
@@ -223,8 +230,6 @@ class Backoff:
         self._current = first
 
     def next(self) -> float:
-        import random
-
         delay = self._current
         self._current = min(self.cap, self._current * 2)
         return delay * (0.75 + random.random() * 0.5)
@@ -235,14 +240,3 @@ class Backoff:
 
 def _order(instance: Instance) -> tuple:
     return (instance.address, instance.port, sorted(instance.labels.items()))
-
-
-def monotonic() -> float:
-    return time.monotonic()
-
-
-def group(instances: Iterable[Instance]) -> Dict[str, List[Instance]]:
-    out: Dict[str, List[Instance]] = {}
-    for inst in instances:
-        out.setdefault(inst.service, []).append(inst)
-    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 from typing import Any, Dict, List
 
 from meshpatch.config import ConfigError
@@ -94,7 +95,12 @@ class NacosRegistry(LazyRegistry):
 
     def run(self) -> None:
         backoff = Backoff()
-        self.first_attempt.set()  # nothing to wait for until a name is watched
+        host, port = self.uri.hosts[0]
+        try:  # one clear line when Nacos is down at start (the HTTP API is asked per service)
+            socket.create_connection((host, port), timeout=2.0).close()
+        except OSError as exc:
+            self.unreachable(f"cannot connect to {host}:{port}: {exc}")
+        self.mark_attempted()  # per-name answers are tracked by settled()
         while not self.stopping:
             names = self.watched()
             try:

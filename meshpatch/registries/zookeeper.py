@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Dict, List, Optional, Set
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -115,7 +116,7 @@ class ZooKeeperRegistry(Registry):
         )
         self._client = client
         client.add_listener(self._on_state)
-        started = self._started_at()
+        started = time.monotonic()
         client.start_async()
         try:
             while not self.stopping:
@@ -126,7 +127,7 @@ class ZooKeeperRegistry(Registry):
                 if not self._connected:
                     if self.first_attempt.is_set():
                         self.unreachable("connection lost")  # logs once per outage
-                    elif self._elapsed(started) >= self.connect_timeout:
+                    elif time.monotonic() - started >= self.connect_timeout:
                         self.unreachable(f"no connection within {self.connect_timeout:g} s")
                     continue
                 try:
@@ -141,16 +142,6 @@ class ZooKeeperRegistry(Registry):
                 client.close()
             except Exception:
                 pass
-
-    def _started_at(self) -> float:
-        import time
-
-        return time.monotonic()
-
-    def _elapsed(self, since: float) -> float:
-        import time
-
-        return time.monotonic() - since
 
     def _sync(self, client: object) -> None:
         from kazoo.exceptions import NoNodeError

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Optional, Tuple
 
-from meshpatch.routing.lb import EmptyPicker, Picker, build_picker
+from meshpatch.routing.lb import EmptyPicker, build_picker
 from meshpatch.routing.matchers import PathMatcher
 from meshpatch.routing.merge import for_port, merge_endpoints
 from meshpatch.routing.model import Route, RouteAction, RouteMatch
