@@ -97,6 +97,8 @@ class Settings:
         "bootstrap_path",
         "bootstrap_inline",
         "cluster_domain",
+        "registry",
+        "registry_aliases",
     )
 
     def __init__(self, environ=os.environ) -> None:
@@ -116,3 +118,6 @@ class Settings:
         self.log_level = level
         self.bootstrap_path = (environ.get("GRPC_XDS_BOOTSTRAP") or "").strip() or None
         self.bootstrap_inline = (environ.get("GRPC_XDS_BOOTSTRAP_CONFIG") or "").strip() or None
+        # Parsed (with their own ConfigErrors) when the agent is built: see meshpatch.registries.config.
+        self.registry = (environ.get("MESHPATCH_REGISTRY") or "").strip() or None
+        self.registry_aliases = (environ.get("MESHPATCH_REGISTRY_ALIASES") or "").strip() or None

@@ -80,6 +80,10 @@ class ClusterConfig:
     name: str
     eds_service_name: str
     lb_policy: str = "ROUND_ROBIN"
+    # The DestinationRule subset's labels when the control plane sends them
+    # (filter_metadata "meshpatch".subset_labels; istiod does not): which
+    # registry instances join this cluster.  None = not sent.
+    subset_labels: Optional[Tuple[Tuple[str, str], ...]] = None
 
 
 HEALTHY_STATES = frozenset({0, 1})  # UNKNOWN, HEALTHY: the only ones gRPC sends to

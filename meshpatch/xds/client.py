@@ -63,7 +63,7 @@ class _Resource:
 
 
 class _TypeState:
-    __slots__ = ("resources", "version", "nonce", "first_sent", "acks", "nacks", "last_error")
+    __slots__ = ("resources", "version", "nonce", "first_sent", "server_names", "acks", "nacks", "last_error")
 
     def __init__(self) -> None:
         self.resources: Dict[str, _Resource] = {}
@@ -73,6 +73,9 @@ class _TypeState:
         # next response answers (servers ignore later requests with a stale
         # nonce, and answer the first one).  See _on_response.
         self.first_sent: Optional[frozenset] = None
+        # The names the server last answered for: a later request carrying the
+        # same set is a plain ACK, which servers (istiod, ours) do not answer.
+        self.server_names: Optional[frozenset] = None
         self.acks = 0
         self.nacks = 0
         self.last_error = ""
@@ -189,8 +192,11 @@ class XdsClient:
             request.node.CopyFrom(self._node)
         if self.transport.send(request):
             self._node_sent = True
-            if state.first_sent is None:
-                state.first_sent = frozenset(state.resources)
+            names = frozenset(state.resources)
+            if state.first_sent is None and names != state.server_names:
+                # The first request with this nonce that the server will answer:
+                # a plain ACK (same names) is not; a changed subscription is.
+                state.first_sent = names
 
     # -- transport callbacks (stream thread) -------------------------------
 
@@ -201,6 +207,7 @@ class XdsClient:
                 state = self._types[type_url]
                 state.nonce = ""
                 state.first_sent = None
+                state.server_names = None
                 if state.resources:
                     self._send(type_url)
 
@@ -218,7 +225,8 @@ class XdsClient:
             # Which names did the server know when it built this response?  Those
             # of the request it answers.  A name subscribed after that request
             # may be missing only because the response was already under way.
-            answered = state.first_sent or frozenset()
+            answered = state.first_sent if state.first_sent is not None else (state.server_names or frozenset())
+            state.server_names = answered
             state.nonce = response.nonce
             state.first_sent = None
             valid, errors = decode_response(response.type_url, list(response.resources))

@@ -286,7 +286,23 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
         raise ResourceError(name, f"lb_policy {lb} not supported by this meshpatch version (supported: ROUND_ROBIN)")
     if cluster.HasField("transport_socket") and cluster.transport_socket.name not in ("", "envoy.transport_sockets.raw_buffer"):
         raise ResourceError(name, f"transport_socket {cluster.transport_socket.name!r} (TLS) not supported yet; refusing rather than sending plaintext")
-    return name, ClusterConfig(name, eds.service_name or name, lb)
+    return name, ClusterConfig(name, eds.service_name or name, lb, _subset_labels(cluster))
+
+
+def _subset_labels(cluster: Any):
+    """``filter_metadata["meshpatch"].subset_labels`` (our control plane) → sorted pairs, or None."""
+    ours = cluster.metadata.filter_metadata.get("meshpatch") if cluster.HasField("metadata") else None
+    if ours is None or "subset_labels" not in ours.fields:
+        return None
+    value = ours.fields["subset_labels"]
+    if value.WhichOneof("kind") != "struct_value":
+        raise ResourceError(cluster.name, "metadata meshpatch.subset_labels must be a map of strings")
+    pairs = []
+    for key, item in value.struct_value.fields.items():
+        if item.WhichOneof("kind") != "string_value":
+            raise ResourceError(cluster.name, f"metadata meshpatch.subset_labels.{key} is not a string")
+        pairs.append((key, item.string_value))
+    return tuple(sorted(pairs))
 
 
 # --- EDS -------------------------------------------------------------------
