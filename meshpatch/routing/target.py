@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from meshpatch import lanes
 from meshpatch.routing.domains import select_virtual_host
 from meshpatch.routing.lb import EmptyPicker, Picker, build_picker
 from meshpatch.routing.model import ClusterConfig, EndpointsConfig, ListenerConfig, Route, RouteConfig
@@ -104,7 +105,7 @@ class ClusterHandle:
             self._changed()
 
     def _set_endpoints(self, endpoints: EndpointsConfig) -> None:
-        self.picker = build_picker(endpoints)
+        self.picker = lanes.build(endpoints, build_picker)  # per-lane pickers when endpoints carry lane labels
         self.state = RESOLVED
         self._changed()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from google.protobuf import json_format
@@ -63,7 +64,7 @@ class _Resource:
 
 
 class _TypeState:
-    __slots__ = ("resources", "version", "nonce", "first_sent", "acks", "nacks", "last_error")
+    __slots__ = ("resources", "version", "nonce", "first_sent", "acks", "nacks", "last_error", "accepted_at")
 
     def __init__(self) -> None:
         self.resources: Dict[str, _Resource] = {}
@@ -76,6 +77,7 @@ class _TypeState:
         self.acks = 0
         self.nacks = 0
         self.last_error = ""
+        self.accepted_at = 0.0  # wall-clock time of the last ACK (config age metric / status)
 
 
 def build_node(node: Dict[str, Any]) -> base_pb2.Node:
@@ -263,6 +265,7 @@ class XdsClient:
                 self._send(response.type_url, error=detail)
             else:
                 state.acks += 1
+                state.accepted_at = time.time()
                 state.version = response.version_info
                 self._send(response.type_url)
 
@@ -289,4 +292,23 @@ class XdsClient:
                 "nacks": state.nacks,
                 "last_error": state.last_error,
                 "names": sorted(state.resources),
+                "accepted_at": state.accepted_at,
             }
+
+    def resources(self, type_url: str) -> List[Dict[str, Any]]:
+        """Every subscribed resource of a type, as CSDS shows it: name, status
+        (REQUESTED/ACKED/NACKED/DOES_NOT_EXIST), version, error and the value in
+        force (decoded; the raw resource too when it is kept)."""
+        with self.lock:
+            out = []
+            for name, resource in sorted(self._types[type_url].resources.items()):
+                out.append({
+                    "name": name,
+                    "status": resource.status,
+                    "version": resource.version,
+                    "error": resource.error,
+                    "value": resource.value,
+                    "raw": getattr(resource, "raw", None),
+                    "watchers": len(resource.watchers),
+                })
+            return out
