@@ -123,10 +123,17 @@ def _make_processor() -> Any:
     class MeshpatchSpanProcessor(SpanProcessor):
         def on_start(self, span: Any, parent_context: Any = None) -> None:
             call = _ATTEMPT.get()
-            if call is None or call.tel_open != call.attempts or call.tel_inner == call.attempts:
+            if call is None:
                 return
             try:
                 if getattr(span, "kind", None) is not _CLIENT:
+                    return
+                if call.__class__ is _Passthrough:
+                    if not call.used and call.host in _span_hosts(span):
+                        call.used = True
+                        span.set_attribute("meshpatch.passthrough", True)
+                    return
+                if call.tel_open != call.attempts or call.tel_inner == call.attempts:
                     return
                 call.tel_inner = call.attempts
                 _annotate(span, call)
@@ -137,6 +144,31 @@ def _make_processor() -> Any:
             pass
 
     return MeshpatchSpanProcessor()
+
+
+class _Passthrough:
+    """Marks a call meshpatch left untouched, for a client span an instrumentation
+    starts below meshpatch; only a span naming the same host takes it, once."""
+
+    __slots__ = ("host", "used")
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.used = False
+
+
+def _span_hosts(span: Any) -> Tuple[Any, ...]:
+    attributes = getattr(span, "attributes", None) or {}
+    url = attributes.get("url.full") or attributes.get("http.url")
+    url_host = None
+    if isinstance(url, str):
+        from urllib.parse import urlsplit
+
+        try:
+            url_host = urlsplit(url).hostname
+        except ValueError:
+            pass
+    return (attributes.get("server.address"), attributes.get("net.peer.name"), attributes.get("http.host"), url_host)
 
 
 # -- instruments ----------------------------------------------------------------------------
@@ -279,7 +311,7 @@ def _observe_connected(options: Any) -> Iterable[Any]:
 # -- the request path ------------------------------------------------------------------------
 
 
-def routed(call: Any, began: float) -> None:
+def routed(call: Any, began: float, host: str = "") -> None:
     """The router decided (``call`` None = not in the mesh: passed through)."""
     tracing, metering = _providers_set()
     if metering:
@@ -294,6 +326,8 @@ def routed(call: Any, began: float) -> None:
         span = _otel_trace.get_current_span()
         if span.is_recording() and getattr(span, "kind", None) is _CLIENT:
             span.set_attribute("meshpatch.passthrough", True)
+        elif host:
+            _ATTEMPT.set(_Passthrough(host))
 
 
 def rejected(error: Exception) -> None:

@@ -172,7 +172,7 @@ class Router:
         except MeshError as exc:
             telemetry.rejected(exc)
             raise
-        telemetry.routed(call, began)
+        telemetry.routed(call, began, host)
         return call
 
     def _start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any) -> Optional[Call]:
