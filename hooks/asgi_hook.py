@@ -18,31 +18,42 @@ def patch(module: Any) -> str:
 
     name = module.__name__
     if name == "starlette.applications":
-        owner, attr, wrapper, label = module.Starlette, "__call__", _framework_call, "Starlette.__call__"
+        owner, label = module.Starlette, "Starlette.__call__"
     elif name == "django.core.handlers.asgi":
-        owner, attr, wrapper, label = module.ASGIHandler, "__call__", _framework_call, "Django ASGIHandler"
+        owner, label = module.ASGIHandler, "Django ASGIHandler"
     elif name == "uvicorn.config":
-        owner, attr, wrapper, label = module.Config, "load", _uvicorn_load, "uvicorn Config.load"
+        owner, label = module.Config, "uvicorn Config.load"
     else:
         return f"{name}: nothing to patch"
     if is_patched(owner):
         return f"{label} already patched"
-    wrapt.wrap_function_wrapper(owner, attr, wrapper)
+    if name == "uvicorn.config":
+        wrapt.wrap_function_wrapper(owner, "load", _uvicorn_load)
+    else:
+        _replace_call(owner)
     mark_patched(owner)
     return f"{label}: inbound lanes captured"
 
 
-async def _framework_call(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
-    scope = args[0] if args else kwargs.get("scope")
-    token = enter_asgi(scope) if isinstance(scope, dict) else None
-    if token is None:
-        return await wrapped(*args, **kwargs)
-    from meshpatch import lanes
+def _replace_call(owner: Any) -> None:
+    """``owner.__call__`` becomes a real ``async def``: servers (uvicorn) tell ASGI
+    3 from ASGI 2 with inspect.iscoroutinefunction, which a wrapt proxy fails."""
+    original = owner.__call__
 
-    try:
-        return await wrapped(*args, **kwargs)
-    finally:
-        lanes.leave(token)
+    async def __call__(self: Any, scope: Any, receive: Any, send: Any) -> Any:
+        token = enter_asgi(scope) if isinstance(scope, dict) else None
+        if token is None:
+            return await original(self, scope, receive, send)
+        from meshpatch import lanes
+
+        try:
+            return await original(self, scope, receive, send)
+        finally:
+            lanes.leave(token)
+
+    __call__.__wrapped__ = original  # type: ignore[attr-defined]
+    __call__.__qualname__ = getattr(original, "__qualname__", "__call__")
+    owner.__call__ = __call__
 
 
 def _uvicorn_load(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:

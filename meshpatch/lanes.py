@@ -271,9 +271,13 @@ def _ensure_thread_patches() -> None:
 
 def _run_in_lane(lane: Optional[str], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     token = _LANE.set(lane)
+    # the OTel Baggage too, so app code in the thread sees the lane through the API
+    otel_token = _attach_baggage(lane) if lane is not None and _otel_context() is not None else None
     try:
         return fn(*args, **kwargs)
     finally:
+        if otel_token is not None:
+            _otel_context().detach(otel_token)
         _LANE.reset(token)
 
 
