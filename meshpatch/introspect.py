@@ -17,7 +17,19 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-_STARTED = time.time()
+def _process_start() -> float:
+    """When this process started (Linux /proc), else when this module was loaded."""
+    try:
+        with open("/proc/self/stat") as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+_STARTED = _process_start()
 
 HEALTH = {0: "UNKNOWN", 1: "HEALTHY", 2: "UNHEALTHY", 3: "DRAINING", 4: "TIMEOUT", 5: "DEGRADED"}
 

@@ -111,6 +111,7 @@ class XdsClient:
         self._transport_factory = transport_factory
         self.transport = self._new_transport()
         self.updates = 0
+        self._unreachable = False  # a stream attempt failed and none succeeded since (logging)
 
     def _new_transport(self) -> Any:
         return self._transport_factory(
@@ -207,11 +208,22 @@ class XdsClient:
                     self._send(type_url)
 
     def _on_stream_end(self, error: str, had_response: bool) -> None:
-        level = logging.INFO if had_response else logging.WARNING
+        # One line per state change, not per reconnect attempt: the first failed
+        # attempt says the server is unreachable, the next response that it is back.
+        if had_response:
+            level = logging.INFO
+        elif not self._unreachable:
+            level = logging.WARNING
+            self._unreachable = True
+        else:
+            level = logging.DEBUG
         log.log(level, "meshpatch xDS stream to %s ended (%s); cached config stays in force; reconnecting",
                 self.bootstrap.servers[0].target, error)
 
     def _on_response(self, response: Any) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            log.warning("meshpatch xDS stream to %s is up again", self.bootstrap.servers[0].target)
         with self.lock:
             state = self._types.get(response.type_url)
             if state is None:
