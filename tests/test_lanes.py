@@ -378,3 +378,63 @@ def test_inbound_lane_is_captured_and_sent_on(servers_app: Dict[str, Any], name:
     # the next untagged request on the same server threads carries no lane
     untagged = _ask(servers_app, name, {})
     assert untagged == {"lane": None, "sent_header": None, "sent_baggage": None}
+
+
+GUNICORN_APP = textwrap.dedent("""
+    import json, os, requests
+    ECHO = os.environ["ECHO_URL"]
+    def app(environ, start_response):
+        seen = requests.get(ECHO + "/echo", timeout=5).json()["headers"]
+        body = json.dumps({"pid": os.getpid(), "sent_header": seen.get("x-mesh-lane")}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+""")
+
+
+def test_gunicorn_workers_capture_lanes_and_serve_their_own_admin_socket() -> None:
+    pytest.importorskip("gunicorn")
+    (port,) = _free_ports(1)
+    with http_server("echo", "127.0.0.2") as echo, tempfile.TemporaryDirectory(prefix="mp-gu-") as scratch:
+        with open(os.path.join(scratch, "gapp.py"), "w") as handle:
+            handle.write(GUNICORN_APP)
+        admin = f"unix://{scratch}/admin-{{pid}}.sock"
+        env = app_env({"ECHO_URL": echo.url, "MESHPATCH_ADMIN": admin})
+        proc = subprocess.Popen([os.path.join(venv_bin(), "meshpatch-run"), os.path.join(venv_bin(), "gunicorn"),
+                                 "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", scratch, "gapp:app"],
+                                env=env, cwd=scratch, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_port(port, proc)
+            import http.client
+
+            def ask(headers: Dict[str, str]) -> Dict[str, Any]:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                try:
+                    conn.request("GET", "/", headers=headers)
+                    return json.loads(conn.getresponse().read())
+                finally:
+                    conn.close()
+
+            tagged = [ask({"x-mesh-lane": "gray"}) for _ in range(6)]
+            untagged = [ask({}) for _ in range(6)]
+            assert {r["sent_header"] for r in tagged} == {"gray"}
+            assert {r["sent_header"] for r in untagged} == {None}
+            worker = tagged[0]["pid"]
+            assert worker != proc.pid
+            status = subprocess.run([os.path.join(venv_bin(), "meshpatch"), "status", "--json", "--admin", admin,
+                                     "--pid", str(worker)], capture_output=True, text=True, timeout=30,
+                                    env=app_env({}))
+            assert status.returncode == 0, status.stderr
+            data = json.loads(status.stdout)
+            assert data["pid"] == worker
+            assert "gunicorn Worker.load_wsgi" in data["activation"]["hooks"]["wsgi"]["detail"]
+            master = subprocess.run([os.path.join(venv_bin(), "meshpatch"), "status", "--json", "--admin", admin,
+                                     "--pid", str(proc.pid)], capture_output=True, text=True, timeout=30,
+                                    env=app_env({}))
+            assert master.returncode == 0 and json.loads(master.stdout)["pid"] == proc.pid
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
