@@ -25,7 +25,7 @@ def patch(module: Any) -> str:
     import wrapt
 
     details = []
-    if getattr(module.server, "_meshpatch_server", False) or is_patched(_Marker):
+    if is_patched(_Marker):
         details.append("grpc.server already patched")
     else:
         wrapt.wrap_function_wrapper(module, "server", _server_wrapper(LaneInterceptor))
