@@ -13,6 +13,7 @@ parent does.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -96,7 +97,12 @@ def serve(address: Tuple[Any, ...]) -> Optional[str]:
         try:
             server = _bind(address)
         except OSError as exc:
-            log.warning("meshpatch: admin endpoint %s not started: %s", _display(address), exc)
+            # In use: usually another process of the same app (a child Python
+            # inherits MESHPATCH_ADMIN); put {pid} in the socket path to give
+            # each its own.  Anything else is worth a warning.
+            in_use = exc.errno == errno.EADDRINUSE or "in use" in str(exc)
+            log.log(logging.INFO if in_use else logging.WARNING,
+                    "meshpatch: admin endpoint %s not started: %s", _display(address), exc)
             return None
         _server = server
         if not _fork_hook and hasattr(os, "register_at_fork"):
