@@ -69,6 +69,23 @@ _ATTR_CACHE_MAX = 10_000
 # -- is an SDK there? ------------------------------------------------------------------
 
 
+# Where the API keeps the global providers (None until the app sets one): read
+# directly on the request path, so that with no SDK each entry point costs one
+# or two attribute reads.  Other API layouts take the slower general check.
+_metrics_internal = getattr(_otel_metrics, "_internal", None) if _AVAILABLE else None
+_FAST = (_AVAILABLE and hasattr(_otel_trace, "_TRACER_PROVIDER")
+         and hasattr(_metrics_internal, "_METER_PROVIDER"))
+
+
+def _nothing_set() -> bool:
+    """True while no provider is set at all (the no-SDK fast path)."""
+    if _tracing or _metering:
+        return False
+    if _FAST:
+        return _otel_trace._TRACER_PROVIDER is None and _metrics_internal._METER_PROVIDER is None
+    return not _AVAILABLE
+
+
 def _providers_set() -> Tuple[bool, bool]:
     """(tracing, metering): whether the app installed real providers.  The API's
     globals are set once and never unset, so once True stays True."""
@@ -313,6 +330,8 @@ def _observe_connected(options: Any) -> Iterable[Any]:
 
 def routed(call: Any, began: float, host: str = "") -> None:
     """The router decided (``call`` None = not in the mesh: passed through)."""
+    if _nothing_set():
+        return
     tracing, metering = _providers_set()
     if metering:
         instr = _instr
@@ -347,7 +366,7 @@ def rejected(error: Exception) -> None:
 
 def attempt_started(call: Any) -> None:
     """``call.pick`` is about to be sent (from ``Call.next_pick``)."""
-    if not _tracing and not _providers_set()[0]:
+    if not _tracing and (_FAST and _otel_trace._TRACER_PROVIDER is None or not _providers_set()[0]):
         return
     try:
         span = _otel_trace.get_current_span()
@@ -397,7 +416,7 @@ def _result(outcome: Any) -> Tuple[bool, str]:
 
 def attempt_ended(call: Any, outcome: Any) -> None:
     call.tel_open = -1
-    if not _metering and not _providers_set()[1]:
+    if not _metering and (_FAST and _metrics_internal._METER_PROVIDER is None or not _providers_set()[1]):
         return
     pick = call.pick
     if pick is None:
@@ -420,6 +439,8 @@ def call_ended(call: Any, outcome: Any, error_type: Optional[str] = None) -> Non
     if call.tel_done:
         return
     call.tel_done = True
+    if _nothing_set():
+        return
     tracing, metering = _providers_set()
     if not tracing and not metering:
         return
