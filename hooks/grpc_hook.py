@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import grpc
 
-from meshpatch import safety
+from meshpatch import lanes, safety
 from meshpatch.api import MeshError
 from meshpatch.routing import outcome as oc
 
@@ -318,8 +318,10 @@ def report_when_done(rpc: Any, pick: Any, call: Any) -> Any:
             code = rpc.code()
             if code is not None and code != grpc.StatusCode.OK:
                 error = rpc
-            pick.finished(outcome_of(error))
+            outcome = outcome_of(error)
+            pick.finished(outcome)
             call.attempt_finished()
+            call.finish(outcome)
         except Exception as exc:
             safety.internal_error("hooks.grpc.report", exc)
 
@@ -357,7 +359,15 @@ class _Dispatch:
         return call
 
     def _prepare(self, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
-        """(routed call or None, pick for a single attempt or None); applies faults."""
+        """(routed call or None, pick for a single attempt or None); applies faults.
+        ``kwargs`` is this call's own dict: the lane goes into its metadata."""
+        metadata = kwargs.get("metadata")
+        try:
+            with_lane = lanes.outbound_grpc(metadata)
+            if with_lane is not metadata:
+                kwargs["metadata"] = with_lane
+        except Exception as exc:
+            safety.internal_error("hooks.grpc.lane", exc)
         call = self._channel._start(self._method, kwargs.get("metadata"))
         if call is None:
             return None, None
@@ -370,6 +380,7 @@ class _Dispatch:
                     time.sleep(fault.delay)
                 error = fault_error(fault)
                 if error is not None:
+                    call.aborted(error.code().name)
                     raise error
             finally:
                 fault.done()
@@ -404,8 +415,10 @@ class _Dispatch:
             except grpc.RpcError as exc:
                 error = exc
             except BaseException as exc:
-                pick.finished(outcome_of(exc))
+                outcome = outcome_of(exc)
+                pick.finished(outcome)
                 call.attempt_finished()
+                call.finish(outcome)
                 raise
             outcome = outcome_of(error)
             pick.finished(outcome)
@@ -432,8 +445,10 @@ class _Dispatch:
         try:
             rpc = target(request, **attempt_kwargs) if how is None else getattr(target, how)(request, **attempt_kwargs)
         except BaseException as exc:
-            pick.finished(outcome_of(exc))
+            outcome = outcome_of(exc)
+            pick.finished(outcome)
             call.attempt_finished()
+            call.finish(outcome)
             raise
         return report_when_done(rpc, pick, call)
 

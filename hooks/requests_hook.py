@@ -22,7 +22,7 @@ from typing import Any, Optional, Tuple
 
 import time as _time
 
-from meshpatch import safety
+from meshpatch import lanes, safety
 from meshpatch.api import MeshError
 from meshpatch.routing.call import apply_header_ops
 from meshpatch.routing.outcome import OK, Outcome
@@ -162,6 +162,7 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
     try:
+        lanes.outbound_http(request.headers)
         url = request.url
         started = _start(request, url)
     except MeshError as exc:
@@ -195,6 +196,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             if fault.delay:
                 _time.sleep(fault.delay)
             if fault.abort_http is not None:
+                call.aborted(fault.abort_http)
                 return _local_response(request, url, fault.abort_http, b"fault filter abort")
         finally:
             fault.done()

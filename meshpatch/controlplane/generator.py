@@ -844,6 +844,12 @@ def _lb_endpoint(ep: Endpoint, port: int, svc: Service) -> endpoint_components_p
         s = struct_pb2.Struct()
         s.update({"workload": f"{ep.workload_name};{ep.namespace};{canonical};{revision};Kubernetes"})
         fm["istio"] = s
+    if ep.labels:
+        # meshpatch-only (istiod sends no endpoint labels): the WorkloadEntry /
+        # ServiceEntry endpoint labels, e.g. the canary lane label clients prefer.
+        s = struct_pb2.Struct()
+        s.update({"labels": {str(k): str(v) for k, v in ep.labels.items()}})
+        fm["meshpatch"] = s
     if fm:
         lbe.metadata.CopyFrom(base_pb2.Metadata(filter_metadata=fm))
     return lbe

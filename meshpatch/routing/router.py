@@ -16,9 +16,11 @@ import os
 import random
 import threading
 import time
+from time import perf_counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from meshpatch.api import CircuitBreakerOpen, NoRouteMatched, Pick
+from meshpatch import telemetry
+from meshpatch.api import CircuitBreakerOpen, MeshError, NoRouteMatched, Pick
 from meshpatch.routing.call import Call
 from meshpatch.routing.target import NOT_FOUND, ClusterManager, HostTarget
 
@@ -172,6 +174,16 @@ class Router:
 
     def start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Call]:
         """Match the call's route; None = not in the mesh (make the original call)."""
+        began = perf_counter()
+        try:
+            call = self._start(scheme, host, port, method, path, headers)
+        except MeshError as exc:
+            telemetry.rejected(exc)
+            raise
+        telemetry.routed(call, began, host)
+        return call
+
+    def _start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any) -> Optional[Call]:
         if port is None:
             port = DEFAULT_PORTS.get(scheme, 80)
         target = self._targets.get((host, port))

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from meshpatch import lanes
 from meshpatch.routing.domains import select_virtual_host
 from meshpatch.routing.lb import EmptyPicker, Picker, build_picker
 from meshpatch.routing.merge import for_port, matching, merge_endpoints, parse_cluster_name, subset_selector
@@ -129,13 +130,13 @@ class ClusterHandle:
         instances = (self._registry.instances(key[1]) or ()) if key is not None else ()
         self._registry_seen = instances
         if not instances:
-            self.picker = build_picker(self._eds)
+            self.picker = lanes.build(self._eds, build_picker)  # per-lane pickers when endpoints carry lane labels
             return
         subset, _, port = key  # type: ignore[misc]
         labels = self.config.subset_labels if self.config is not None else None
         selector = subset_selector(subset, dict(labels) if labels is not None else None)
         joining = matching(for_port(instances, port), selector)
-        self.picker = build_picker(merge_endpoints(self.name, self._eds, joining, instances))
+        self.picker = lanes.build(merge_endpoints(self.name, self._eds, joining, instances), build_picker)
 
     def registry_changed(self) -> None:
         """A registry changed (under the xDS lock): rebuild the picker if this

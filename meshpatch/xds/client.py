@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from google.protobuf import json_format
@@ -63,7 +64,8 @@ class _Resource:
 
 
 class _TypeState:
-    __slots__ = ("resources", "version", "nonce", "first_sent", "server_names", "acks", "nacks", "last_error")
+    __slots__ = ("resources", "version", "nonce", "first_sent", "server_names", "acks", "nacks", "last_error",
+                 "accepted_at")
 
     def __init__(self) -> None:
         self.resources: Dict[str, _Resource] = {}
@@ -79,6 +81,7 @@ class _TypeState:
         self.acks = 0
         self.nacks = 0
         self.last_error = ""
+        self.accepted_at = 0.0  # wall-clock time of the last ACK (config age metric / status)
 
 
 def build_node(node: Dict[str, Any]) -> base_pb2.Node:
@@ -112,6 +115,7 @@ class XdsClient:
         self._transport_factory = transport_factory
         self.transport = self._new_transport()
         self.updates = 0
+        self._unreachable = False  # a stream attempt failed and none succeeded since (logging)
 
     def _new_transport(self) -> Any:
         return self._transport_factory(
@@ -212,11 +216,22 @@ class XdsClient:
                     self._send(type_url)
 
     def _on_stream_end(self, error: str, had_response: bool) -> None:
-        level = logging.INFO if had_response else logging.WARNING
+        # One line per state change, not per reconnect attempt: the first failed
+        # attempt says the server is unreachable, the next response that it is back.
+        if had_response:
+            level = logging.INFO
+        elif not self._unreachable:
+            level = logging.WARNING
+            self._unreachable = True
+        else:
+            level = logging.DEBUG
         log.log(level, "meshpatch xDS stream to %s ended (%s); cached config stays in force; reconnecting",
                 self.bootstrap.servers[0].target, error)
 
     def _on_response(self, response: Any) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            log.warning("meshpatch xDS stream to %s is up again", self.bootstrap.servers[0].target)
         with self.lock:
             state = self._types.get(response.type_url)
             if state is None:
@@ -271,6 +286,7 @@ class XdsClient:
                 self._send(response.type_url, error=detail)
             else:
                 state.acks += 1
+                state.accepted_at = time.time()
                 state.version = response.version_info
                 self._send(response.type_url)
 
@@ -297,4 +313,23 @@ class XdsClient:
                 "nacks": state.nacks,
                 "last_error": state.last_error,
                 "names": sorted(state.resources),
+                "accepted_at": state.accepted_at,
             }
+
+    def resources(self, type_url: str) -> List[Dict[str, Any]]:
+        """Every subscribed resource of a type, as CSDS shows it: name, status
+        (REQUESTED/ACKED/NACKED/DOES_NOT_EXIST), version, error and the value in
+        force (decoded; the raw resource too when it is kept)."""
+        with self.lock:
+            out = []
+            for name, resource in sorted(self._types[type_url].resources.items()):
+                out.append({
+                    "name": name,
+                    "status": resource.status,
+                    "version": resource.version,
+                    "error": resource.error,
+                    "value": resource.value,
+                    "raw": getattr(resource, "raw", None),
+                    "watchers": len(resource.watchers),
+                })
+            return out
