@@ -68,6 +68,17 @@ class MeshUnavailable(MeshError):
         super().__init__(f"meshpatch: no xDS config for {host}:{port} ({reason}); MESHPATCH_FAIL_MODE=closed")
 
 
+class CircuitBreakerOpen(MeshError):
+    """A cluster's circuit breaker refused the call (max_requests, max_pending_requests
+    or max_retries reached): Envoy answers 503 with ``x-envoy-overloaded``, gRPC
+    fails with UNAVAILABLE.  Raised before anything is sent, so failing fast."""
+
+    def __init__(self, cluster: str, limit: str) -> None:
+        self.cluster = cluster
+        self.limit = limit
+        super().__init__(f"meshpatch: circuit breaker open for cluster {cluster} ({limit} reached)")
+
+
 class Pick:
     """Where one call goes.  Created once per routed call; kept tiny.
 
@@ -77,7 +88,7 @@ class Pick:
     telemetry and later policies.
     """
 
-    __slots__ = ("address", "port", "cluster", "metadata", "authority", "route")
+    __slots__ = ("address", "port", "cluster", "metadata", "authority", "route", "endpoint", "handle")
 
     def __init__(
         self,
@@ -87,6 +98,8 @@ class Pick:
         metadata: Mapping[str, Any],
         authority: str,
         route: str = "",
+        endpoint: Any = None,
+        handle: Any = None,
     ) -> None:
         self.address = address
         self.port = port
@@ -94,6 +107,18 @@ class Pick:
         self.metadata = metadata
         self.authority = authority
         self.route = route
+        self.endpoint = endpoint
+        self.handle = handle
+
+    def started(self) -> None:
+        """The attempt to this endpoint begins (hooks call it right before sending)."""
+        if self.handle is not None:
+            self.handle.on_attempt_start(self.endpoint)
+
+    def finished(self, outcome: Any) -> None:
+        """The attempt ended with ``outcome`` (a :class:`meshpatch.routing.outcome.Outcome`)."""
+        if self.handle is not None:
+            self.handle.on_attempt_end(self.endpoint, outcome)
 
     def __repr__(self) -> str:
         return f"Pick({self.address}:{self.port} cluster={self.cluster!r} route={self.route!r})"

@@ -12,17 +12,23 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Container, Iterable, List, Optional, Sequence, Tuple
 
 from meshpatch.routing.model import HEALTHY_STATES, Endpoint, EndpointsConfig, LocalityEndpoints
 
 
 class Picker:
-    """Base: ``pick()`` returns an endpoint or None when nothing is usable."""
+    """Base: ``pick()`` returns an endpoint or None when nothing is usable.
+
+    ``request_hash`` is the route's hash-policy value for hashing policies
+    (ring hash, maglev; None = no hash → random); ``exclude`` holds
+    ``(address, port)`` of endpoints already tried by this call, avoided while
+    another endpoint is available (retries never hit the same host twice).
+    """
 
     __slots__ = ()
 
-    def pick(self) -> Optional[Endpoint]:  # pragma: no cover - interface
+    def pick(self, request_hash: Optional[int] = None, exclude: Optional[Container] = None) -> Optional[Endpoint]:  # pragma: no cover
         raise NotImplementedError
 
     @property
@@ -36,7 +42,7 @@ class EmptyPicker(Picker):
     def __init__(self, reason: str = "no endpoints") -> None:
         self.reason = reason
 
-    def pick(self) -> Optional[Endpoint]:
+    def pick(self, request_hash: Optional[int] = None, exclude: Optional[Container] = None) -> Optional[Endpoint]:
         return None
 
     @property
@@ -55,8 +61,14 @@ class RoundRobin(Picker):
         self._n = len(self._endpoints)
         self._cursor = itertools.count(random.randrange(self._n) if self._n else 0)
 
-    def pick(self) -> Optional[Endpoint]:
-        return self._endpoints[next(self._cursor) % self._n]
+    def pick(self, request_hash: Optional[int] = None, exclude: Optional[Container] = None) -> Optional[Endpoint]:
+        endpoint = self._endpoints[next(self._cursor) % self._n]
+        if exclude and (endpoint.address, endpoint.port) in exclude:
+            for _ in range(self._n - 1):
+                candidate = self._endpoints[next(self._cursor) % self._n]
+                if (candidate.address, candidate.port) not in exclude:
+                    return candidate
+        return endpoint
 
     @property
     def endpoints(self) -> Tuple[Endpoint, ...]:
@@ -79,9 +91,15 @@ class WeightedRandom(Picker):
         self._total = running
         self._random = random.random
 
-    def pick(self) -> Optional[Endpoint]:
+    def pick(self, request_hash: Optional[int] = None, exclude: Optional[Container] = None) -> Optional[Endpoint]:
         index = bisect.bisect_right(self._cumulative, self._random() * self._total)
-        return self._children[index].pick()
+        endpoint = self._children[index].pick(request_hash, exclude)
+        if exclude and endpoint is not None and (endpoint.address, endpoint.port) in exclude:
+            for child in self._children:  # another locality may still have an untried endpoint
+                other = child.pick(request_hash, exclude)
+                if other is not None and (other.address, other.port) not in exclude:
+                    return other
+        return endpoint
 
     @property
     def endpoints(self) -> Tuple[Endpoint, ...]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
 from meshpatch.routing.matchers import HeaderMatcher, PathMatcher
+from meshpatch.routing.route_policy import NO_POLICY, RoutePolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +24,9 @@ class ClusterWeight:
 class RouteAction:
     """Where a matched request goes: one cluster or a weighted set.
 
-    ``kind`` is ``cluster``, ``weighted`` or ``non_forwarding`` (server-side
-    inbound listeners).  ``timeout``/``max_stream_duration`` are seconds, 0 = none.
+    ``kind`` is ``cluster``, ``weighted``, ``redirect`` / ``direct`` (answered
+    locally, HTTP only) or ``non_forwarding`` (server-side inbound listeners).
+    ``timeout``/``max_stream_duration`` are seconds, 0 = none.
     """
 
     kind: str
@@ -47,6 +49,7 @@ class Route:
     name: str
     match: RouteMatch
     action: RouteAction
+    policy: RoutePolicy = NO_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,10 @@ class ClusterConfig:
     name: str
     eds_service_name: str
     lb_policy: str = "ROUND_ROBIN"
+    # The DestinationRule subset's labels when the control plane sends them
+    # (filter_metadata "meshpatch".subset_labels; istiod does not): which
+    # registry instances join this cluster.  None = not sent.
+    subset_labels: Optional[Tuple[Tuple[str, str], ...]] = None
 
 
 HEALTHY_STATES = frozenset({0, 1})  # UNKNOWN, HEALTHY: the only ones gRPC sends to

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from time import perf_counter
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from meshpatch.api import MeshUnavailable, NoHealthyUpstream, NoRouteMatched, Pick
+from meshpatch import telemetry
+from meshpatch.api import CircuitBreakerOpen, MeshError, MeshUnavailable, NoRouteMatched, Pick
+from meshpatch.routing.call import Call
 from meshpatch.routing.target import NOT_FOUND, ClusterManager, HostTarget
 
 log = logging.getLogger("meshpatch.routing")
@@ -89,9 +93,72 @@ class _RequestHeaders:
         return value if isinstance(value, str) else str(value)
 
 
+def _query_params(path: str) -> Dict[str, Tuple[str, ...]]:
+    from urllib.parse import parse_qsl
+
+    params: Dict[str, List[str]] = {}
+    query = path.split("?", 1)[1] if "?" in path else ""
+    for name, value in parse_qsl(query.split("#", 1)[0], keep_blank_values=True):
+        params.setdefault(name, []).append(value)
+    return {name: tuple(values) for name, values in params.items()}
+
+
+def _hash_value(policy: Any, headers: Any, scheme: str, method: str, path: str, authority: str, source_ip: str) -> Optional[str]:
+    kind = policy.kind
+    if kind == "header":
+        value = _RequestHeaders(headers, scheme, method, path.split("?", 1)[0], authority).get(policy.name)
+        if value is not None and policy.regex is not None:
+            value = policy.regex.sub(policy.substitution, value)
+        return value
+    if kind == "cookie":
+        if scheme == "grpc" or headers is None:
+            return None
+        raw = headers.get("cookie")
+        if not raw:
+            return None
+        for part in str(raw).split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == policy.name:
+                return value
+        return None
+    if kind == "query":
+        if scheme == "grpc":
+            return None
+        values = _query_params(path).get(policy.name)
+        return values[0] if values else None
+    if kind == "source_ip":
+        return source_ip
+    return None
+
+
+def _request_hash(policies: Any, headers: Any, scheme: str, method: str, path: str, authority: str, source_ip: str) -> Optional[int]:
+    """Envoy's hash-policy evaluation: XXH64 of each value, combined by
+    rotate-left-1 then XOR, stopping after a terminal policy that produced a hash.
+    None (no policy matched) means "random" to the hashing load balancers."""
+    import xxhash
+
+    result: Optional[int] = None
+    for policy in policies:
+        value = _hash_value(policy, headers, scheme, method, path, authority, source_ip)
+        if value is None:
+            continue
+        new = xxhash.xxh64_intdigest(value.encode() if isinstance(value, str) else value)
+        if result is None:
+            result = new
+        else:
+            result = (((result << 1) | (result >> 63)) & 0xFFFFFFFFFFFFFFFF) ^ new
+        if policy.terminal:
+            break
+    return result
+
+
 class Router:
-    def __init__(self, client: Any, resolve_timeout: float, ensure_started: Callable[[], None], *,
-                 fail_closed: bool = False, namespace: str = "default", cluster_domain: str = "cluster.local") -> None:
+    """``client`` may be None (no xDS server: registries alone route); ``registry``
+    is the registry catalog or None."""
+
+    def __init__(self, client: Any, resolve_timeout: float, ensure_started: Callable[[], None],
+                 registry: Any = None, *, fail_closed: bool = False, namespace: str = "default",
+                 cluster_domain: str = "cluster.local") -> None:
         self._client = client
         self._timeout = resolve_timeout
         self._ensure_started = ensure_started
@@ -103,12 +170,40 @@ class Router:
         self.hold_until = 0.0
         self._targets: Dict[Tuple[str, int], Any] = {}
         self._create_lock = threading.Lock()
-        self.clusters = ClusterManager(client)
+        self.clusters = ClusterManager(client, registry)
         self.started = False
+        # "source IP" for hash policies: this workload's own address, the
+        # downstream address a sidecar would see for the app's requests.
+        self.source_ip = (os.environ.get("INSTANCE_IP") or os.environ.get("POD_IP") or "127.0.0.1").strip()
+        self.registry = registry
+        self._registry_lock = threading.RLock()  # serialises registry updates when there is no xDS lock
+        if registry is not None:
+            registry.add_listener(self.registry_changed)
 
     # -- public API ---------------------------------------------------------
 
     def pick(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Pick]:
+        """Route one call and choose its first endpoint (no retries): the simple
+        form of :meth:`start` for callers that make exactly one attempt."""
+        call = self.start(scheme, host, port, method, path, headers)
+        if call is None:
+            return None
+        if call.handle is None:  # redirect / direct response: nothing to connect to
+            raise NoRouteMatched(host, call.port, path)
+        return call.next_pick()
+
+    def start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Call]:
+        """Match the call's route; None = not in the mesh (make the original call)."""
+        began = perf_counter()
+        try:
+            call = self._start(scheme, host, port, method, path, headers)
+        except MeshError as exc:
+            telemetry.rejected(exc)
+            raise
+        telemetry.routed(call, began, host)
+        return call
+
+    def _start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any) -> Optional[Call]:
         if port is None:
             port = DEFAULT_PORTS.get(scheme, 80)
         target = self._targets.get((host, port))
@@ -117,35 +212,48 @@ class Router:
         snapshot = target.snapshot
         if snapshot is None:
             if not self._await(target):
-                if self.fail_closed and presumed_mesh(target.host, self._namespace, self._cluster_domain):
-                    raise MeshUnavailable(target.host, port, self._why_unavailable())
+                if self.fail_closed and presumed_mesh(host.lower(), self._namespace, self._cluster_domain):
+                    raise MeshUnavailable(host.lower(), port, self._why_unavailable())
                 return None
             snapshot = target.snapshot
         if snapshot is NOT_FOUND or snapshot is None:
             return None
-        if "?" in path:
-            path = path.split("?", 1)[0]
+        match_path = path.split("?", 1)[0] if "?" in path else path
         lookup = None
+        query = None
         table = snapshot.table
         indexed = table.indexed
-        for route in table.candidates(path) if indexed else snapshot.routes:
-            if not indexed and not route.path.matches(path):
+        for route in table.candidates(match_path) if indexed else snapshot.routes:
+            if not indexed and not route.path.matches(match_path):
                 continue
             if route.headers:
                 if lookup is None:
-                    lookup = _RequestHeaders(headers, scheme, method, path, target.authority)
+                    lookup = _RequestHeaders(headers, scheme, method, match_path, target.authority)
                 if not all(m.matches(lookup.get(m.name)) for m in route.headers):
+                    continue
+            if route.query:
+                if scheme == "grpc":
+                    continue  # gRPC (A28): routes with query matchers never match
+                if query is None:
+                    query = _query_params(path)
+                if not all(q.matches(query.get(q.name, ())) for q in route.query):
                     continue
             if route.fraction is not None and random.random() >= route.fraction:
                 continue
             chooser = route.chooser
-            if chooser is None:  # non-forwarding action: not a client route
-                raise NoRouteMatched(host, port, path)
+            if chooser is None:
+                if route.action.kind in ("redirect", "direct") and scheme != "grpc":
+                    return Call(scheme, host, port, method, path, headers, target.authority, route.route, None, None)
+                raise NoRouteMatched(host, port, path)  # non-forwarding (server) route, or redirect for gRPC
             handle = chooser.choose()
-            endpoint = handle.picker.pick()
-            if endpoint is None:
-                raise NoHealthyUpstream(host, port, handle.name, getattr(handle.picker, "reason", ""))
-            return Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, target.authority, route.name)
+            refused = handle.admit_request()
+            if refused is not None:
+                raise CircuitBreakerOpen(handle.name, refused)
+            request_hash = None
+            if route.hash_policies:
+                request_hash = _request_hash(route.hash_policies, headers, scheme, method, path, target.authority,
+                                             self.source_ip)
+            return Call(scheme, host, port, method, path, headers, target.authority, route.route, handle, request_hash)
         raise NoRouteMatched(host, port, path)
 
     def prefetch(self, host: str, port: Optional[int], scheme: str = "http") -> None:
@@ -178,13 +286,33 @@ class Router:
                 return target
             return self._create_unlocked(host, port)
 
-    def _create_unlocked(self, host: str, port: int) -> HostTarget:
+    def _create_unlocked(self, host: str, port: int) -> Any:
         self._ensure_started()
-        target = HostTarget(host, port, self._client, self.clusters, self._timeout)
+        if self._client is None:
+            from meshpatch.routing.registry_route import RegistryTarget
+
+            target: Any = RegistryTarget(host, port, self.registry, self._timeout)
+        else:
+            target = HostTarget(host, port, self._client, self.clusters, self._timeout, self.registry)
         self._targets[(host, port)] = target
-        with self._client.lock:
+        with self._update_lock():
             target.start()
         return target
+
+    def _update_lock(self) -> Any:
+        return self._client.lock if self._client is not None else self._registry_lock
+
+    def registry_changed(self) -> None:
+        """A registry source changed (its own thread): refresh registry-routed
+        targets and the pickers of clusters that merge registry instances."""
+        with self._update_lock():
+            seen = set()
+            for target in list(self._targets.values()):
+                if target is PASS_THROUGH or id(target) in seen:
+                    continue
+                seen.add(id(target))
+                target.registry_changed()
+            self.clusters.registry_changed()
 
     def _await(self, target: Any) -> bool:
         """Bounded wait for a new target; never waits once its deadline passed or
@@ -200,10 +328,13 @@ class Router:
         if hold_until > now:
             deadline = max(deadline, hold_until)
         while now < deadline:
-            if client.failing and now >= hold_until:
-                return False
+            if client is not None and client.failing and now >= hold_until:
+                if self.registry is None:
+                    return False
+                with client.lock:
+                    target.xds_unavailable()  # the registries may know the host meanwhile
             if ready.wait(min(deadline - now, 0.05)):
-                if hold_until and client.connected:
+                if hold_until and client is not None and client.connected:
                     self.hold_until = 0.0  # the control plane answered: the hold is over
                 return True
             now = time.monotonic()
@@ -211,7 +342,7 @@ class Router:
 
     def _why_unavailable(self) -> str:
         client = self._client
-        if client.failing:
+        if client is not None and client.failing:
             error = getattr(client.transport, "last_error", "") or "unreachable"
             return f"control plane unreachable: {error}"
         return "control plane did not answer in time"

@@ -19,8 +19,10 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from meshpatch import lanes
 from meshpatch.routing.domains import select_virtual_host
 from meshpatch.routing.lb import EmptyPicker, Picker, build_picker
+from meshpatch.routing.merge import for_port, matching, merge_endpoints, parse_cluster_name, subset_selector
 from meshpatch.routing.model import ClusterConfig, EndpointsConfig, ListenerConfig, Route, RouteConfig
 from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS
 
@@ -32,11 +34,18 @@ MISSING = "missing"
 
 
 class ClusterHandle:
-    """A cluster's config and endpoint picker, shared by every target that routes to it."""
+    """A cluster's config and endpoint picker, shared by every target that routes to it.
 
-    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "__weakref__")
+    Hooks report every attempt (``on_attempt_start`` / ``on_attempt_end``) so the
+    cluster can keep per-endpoint state — in-flight requests for least-request and
+    circuit breaking, results for outlier detection — keyed by ``(address, port)``
+    so it survives EDS updates that rebuild the endpoint objects.
+    """
 
-    def __init__(self, name: str, client: Any) -> None:
+    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight", "_eds", "_registry",
+                 "_registry_key", "_registry_seen", "__weakref__")
+
+    def __init__(self, name: str, client: Any, registry: Any = None) -> None:
         self.name = name
         self.config: Optional[ClusterConfig] = None
         self.picker: Picker = EmptyPicker("cluster not received yet")
@@ -44,11 +53,43 @@ class ClusterHandle:
         self.eds_name: Optional[str] = None
         self.users: List["HostTarget"] = []
         self._client = client
+        self.in_flight = 0
+        # Registry merge (README "Registries"): the picker is built from EDS ∪
+        # the registry instances of the cluster's host, rebuilt when either changes.
+        self._eds: Optional[EndpointsConfig] = None
+        self._registry = registry
+        self._registry_key = parse_cluster_name(name) if registry is not None else None
+        self._registry_seen: Any = None
+        if self._registry_key is not None:
+            registry.watch_host(self._registry_key[1])
+
+    # per-attempt reporting (called by hooks, from any thread; no lock: int
+    # updates of one attribute are atomic enough for accounting under the GIL)
+    def on_attempt_start(self, endpoint: Any) -> None:
+        self.in_flight += 1
+
+    def on_attempt_end(self, endpoint: Any, outcome: Any) -> None:
+        self.in_flight -= 1
+
+    # circuit breaking (thresholds from CDS circuit_breakers); the router calls
+    # admit_request before picking, the retry logic admit_retry before a retry
+    # and retry_finished when that retry's attempt ended.
+    def admit_request(self) -> Optional[str]:
+        """None to admit, else the name of the limit that refuses the call."""
+        return None
+
+    def admit_retry(self) -> Optional[str]:
+        return None
+
+    def retry_finished(self) -> None:
+        pass
 
     # xDS watcher protocol
     def on_resource(self, type_url: str, name: str, value: Any) -> None:
         if type_url == CDS:
             self.config = value
+            if self.state == RESOLVED and self._registry_seen:
+                self._rebuild()  # the subset's labels may have changed
             if value.eds_service_name != self.eds_name:
                 if self.eds_name is not None:
                     self._client.cancel_watch(EDS, self.eds_name, self)
@@ -76,9 +117,41 @@ class ClusterHandle:
             self._changed()
 
     def _set_endpoints(self, endpoints: EndpointsConfig) -> None:
-        self.picker = build_picker(endpoints)
+        self._eds = endpoints
+        self._rebuild()
+        key = self._registry_key
+        if self.state == PENDING and key is not None and not self._registry.settled(key[1]):
+            return  # resolved once the registries have answered for the host too (registry_changed)
         self.state = RESOLVED
         self._changed()
+
+    def _rebuild(self) -> None:
+        key = self._registry_key
+        instances = (self._registry.instances(key[1]) or ()) if key is not None else ()
+        self._registry_seen = instances
+        if not instances:
+            self.picker = lanes.build(self._eds, build_picker)  # per-lane pickers when endpoints carry lane labels
+            return
+        subset, _, port = key  # type: ignore[misc]
+        labels = self.config.subset_labels if self.config is not None else None
+        selector = subset_selector(subset, dict(labels) if labels is not None else None)
+        joining = matching(for_port(instances, port), selector)
+        self.picker = lanes.build(merge_endpoints(self.name, self._eds, joining, instances), build_picker)
+
+    def registry_changed(self) -> None:
+        """A registry changed (under the xDS lock): rebuild the picker if this
+        cluster's host is affected; the routes that use it need no change."""
+        key = self._registry_key
+        if key is None or self._eds is None:
+            return
+        if self.state == PENDING:
+            if self._registry.settled(key[1]):
+                self._rebuild()
+                self.state = RESOLVED
+                self._changed()
+            return
+        if self.state == RESOLVED and (self._registry.instances(key[1]) or ()) != self._registry_seen:
+            self._rebuild()
 
     def _changed(self) -> None:
         for target in list(self.users):
@@ -94,14 +167,15 @@ class ClusterHandle:
 class ClusterManager:
     """Reference-counted cluster handles; lives under the xDS client lock."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, registry: Any = None) -> None:
         self._client = client
+        self._registry = registry
         self._handles: Dict[str, ClusterHandle] = {}
 
     def acquire(self, name: str, user: "HostTarget") -> ClusterHandle:
         handle = self._handles.get(name)
         if handle is None:
-            handle = self._handles[name] = ClusterHandle(name, self._client)
+            handle = self._handles[name] = ClusterHandle(name, self._client, self._registry)
             handle.users.append(user)
             self._client.watch(CDS, name, handle)
         else:
@@ -123,6 +197,10 @@ class ClusterManager:
 
     def names(self) -> List[str]:
         return sorted(self._handles)
+
+    def registry_changed(self) -> None:
+        for handle in list(self._handles.values()):
+            handle.registry_changed()
 
 
 class ClusterChooser:
@@ -149,15 +227,18 @@ class ClusterChooser:
 
 
 class CompiledRoute:
-    __slots__ = ("name", "path", "headers", "fraction", "chooser", "action")
+    __slots__ = ("name", "path", "headers", "query", "fraction", "chooser", "action", "hash_policies", "route")
 
     def __init__(self, route: Route, chooser: Optional[ClusterChooser]) -> None:
         self.name = route.name
         self.path = route.match.path
         self.headers = route.match.headers
+        self.query = route.policy.query
         self.fraction = route.match.fraction
         self.chooser = chooser
         self.action = route.action
+        self.hash_policies = route.policy.hash_policies
+        self.route = route
 
 
 class RouteTable:
@@ -233,7 +314,8 @@ NOT_FOUND = TargetSnapshot((), "", "")  # the control plane does not know this h
 class HostTarget:
     """Resolution state of one ``host:port``; an xDS watcher for LDS and RDS."""
 
-    def __init__(self, host: str, port: int, client: Any, clusters: ClusterManager, timeout: float) -> None:
+    def __init__(self, host: str, port: int, client: Any, clusters: ClusterManager, timeout: float,
+                 registry: Any = None) -> None:
         self.host = host
         self.port = port
         self.authority = f"{host}:{port}"
@@ -249,14 +331,19 @@ class HostTarget:
         self._pending_routes: Optional[Tuple[Route, ...]] = None
         self._pending_vhost = ""
         self.listener: Optional[ListenerConfig] = None
+        self._registry = registry
+        self._fallback: Any = None  # RegistryFallback while LDS says the host is not in the mesh
 
     def start(self) -> None:
+        if self._registry is not None:
+            self._registry.watch_host(self.host)  # per-service registries start looking now, in parallel with LDS
         self._client.watch(LDS, self.lds_name, self)
 
     # xDS watcher protocol
     def on_resource(self, type_url: str, name: str, value: Any) -> None:
         if type_url == LDS:
             self.listener = value
+            self._fallback = None
             if value.rds_name is not None:
                 if value.rds_name != self._rds_name:
                     old = self._rds_name
@@ -277,15 +364,40 @@ class HostTarget:
             self._route_config = None
             self._set_clusters([])
             self._pending_routes = None
-            self.snapshot = NOT_FOUND
-            self.ready.set()
+            self._not_in_mesh()
 
     def on_error(self, type_url: str, name: str, reason: str) -> None:
         # A listener that was never good: the host is effectively unknown to us;
         # the app's calls go out untouched rather than wait.
         if type_url == LDS and self.listener is None and self.snapshot is None:
+            self._not_in_mesh()
+
+    def _not_in_mesh(self) -> None:
+        """Not an xDS host: route it from the registries if one knows it, else
+        NOT_FOUND (calls go out untouched).  While a registry has not answered
+        yet the snapshot stays unset, so the first call waits (bounded)."""
+        if self._registry is None:
             self.snapshot = NOT_FOUND
             self.ready.set()
+            return
+        if self._fallback is None:
+            from meshpatch.routing.registry_route import RegistryFallback
+
+            self._fallback = RegistryFallback(self.host, self.port, self._registry)
+        snapshot, _ = self._fallback.evaluate()
+        if snapshot is not None:
+            self.snapshot = snapshot
+            self.ready.set()
+
+    def registry_changed(self) -> None:
+        if self._fallback is not None:
+            self._not_in_mesh()
+
+    def xds_unavailable(self) -> None:
+        """The xDS server cannot be reached and this host never resolved: the
+        registries may route it meanwhile (LDS, when it comes, takes over)."""
+        if self._registry is not None and self._fallback is None and self.listener is None and self.snapshot is None:
+            self._not_in_mesh()
 
     def _drop_rds(self) -> None:
         if self._rds_name is not None:
@@ -303,6 +415,7 @@ class HostTarget:
                 names.append(action.cluster)
             elif action.kind == "weighted":
                 names.extend(w.name for w in action.weighted)
+            names.extend(m.cluster for m in route.policy.mirrors)
         self._set_clusters(list(dict.fromkeys(names)))
         self._pending_routes = routes
         self._pending_vhost = vhost.name if vhost is not None else ""

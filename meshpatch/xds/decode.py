@@ -35,6 +35,7 @@ from meshpatch.routing.model import (
     RouteMatch,
     VirtualHost,
 )
+from meshpatch.xds.decode_policy import route_policy
 from meshpatch.xds.type_urls import CDS, EDS, HCM_TYPE, LDS, RDS, RESOURCE_WRAPPER
 
 MAX_ITEMS = 100_000  # guards against hostile resources with absurd list sizes
@@ -149,7 +150,7 @@ def _route_config(config: Any, name: str) -> RouteConfig:
         _check_count(name, "routes", vh.routes)
         routes = []
         for index, route in enumerate(vh.routes):
-            decoded = _route(route, name, vh.name, index)
+            decoded = _route(route, name, vh, index)
             if decoded is not None:
                 routes.append(decoded)
         vhosts.append(VirtualHost(vh.name, tuple(d.lower() for d in vh.domains), tuple(routes)))
@@ -159,7 +160,8 @@ def _route_config(config: Any, name: str) -> RouteConfig:
 _DENOMINATORS = {0: 100.0, 1: 10_000.0, 2: 1_000_000.0}
 
 
-def _route(route: Any, config_name: str, vhost: str, index: int):
+def _route(route: Any, config_name: str, vhost_proto: Any, index: int):
+    vhost = vhost_proto.name
     where = f"route {route.name or index} of virtual host {vhost!r}"
     match = route.match
     try:
@@ -168,8 +170,6 @@ def _route(route: Any, config_name: str, vhost: str, index: int):
         raise ResourceError(config_name, f"{where}: {exc}") from None
     if path is None:
         return None  # unsupported path specifier (connect_matcher, path_match_policy): gRPC skips the route
-    if len(match.query_parameters):
-        return None  # gRPC (A28) ignores routes with query parameter matchers
     headers = []
     for hm in match.headers:
         try:
@@ -190,9 +190,17 @@ def _route(route: Any, config_name: str, vhost: str, index: int):
         action = _route_action(route.route, config_name, where)
         if action is None:
             return None
+    elif action_kind == "redirect":
+        action = RouteAction("redirect")
+    elif action_kind == "direct_response":
+        action = RouteAction("direct")
     else:
-        return None  # redirect / direct_response: gRPC ignores the route (issue 3 adds them for HTTP)
-    return Route(route.name, RouteMatch(path, tuple(headers), fraction), action)
+        return None  # filter_action etc.: skipped, as gRPC does
+    try:
+        policy = route_policy(route, vhost_proto)
+    except ValueError as exc:
+        raise ResourceError(config_name, f"{where}: {exc}") from None
+    return Route(route.name, RouteMatch(path, tuple(headers), fraction), action, policy)
 
 
 def _path_matcher(match: Any):
@@ -301,7 +309,23 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
         raise ResourceError(name, f"lb_policy {lb} not supported by this meshpatch version (supported: ROUND_ROBIN)")
     if cluster.HasField("transport_socket") and cluster.transport_socket.name not in ("", "envoy.transport_sockets.raw_buffer"):
         raise ResourceError(name, f"transport_socket {cluster.transport_socket.name!r} (TLS) not supported yet; refusing rather than sending plaintext")
-    return name, ClusterConfig(name, eds.service_name or name, lb)
+    return name, ClusterConfig(name, eds.service_name or name, lb, _subset_labels(cluster))
+
+
+def _subset_labels(cluster: Any):
+    """``filter_metadata["meshpatch"].subset_labels`` (our control plane) → sorted pairs, or None."""
+    ours = cluster.metadata.filter_metadata.get("meshpatch") if cluster.HasField("metadata") else None
+    if ours is None or "subset_labels" not in ours.fields:
+        return None
+    value = ours.fields["subset_labels"]
+    if value.WhichOneof("kind") != "struct_value":
+        raise ResourceError(cluster.name, "metadata meshpatch.subset_labels must be a map of strings")
+    pairs = []
+    for key, item in value.struct_value.fields.items():
+        if item.WhichOneof("kind") != "string_value":
+            raise ResourceError(cluster.name, f"metadata meshpatch.subset_labels.{key} is not a string")
+        pairs.append((key, item.string_value))
+    return tuple(sorted(pairs))
 
 
 # --- EDS -------------------------------------------------------------------
