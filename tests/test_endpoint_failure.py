@@ -1,11 +1,11 @@
 """An endpoint that dies under load: requests move off it.
 
-PENDING ISSUE 3.  Moving traffic off a dead endpoint needs per-attempt outcome
-reporting from the hooks, retries on connect failure and ejection of an
-endpoint after connect failures even without outlier-detection config — all
-being built on branch issue3 (``meshpatch.routing.outcome``).  Until that
-module exists this test is skipped; once it lands it runs as is.  The bench
-with the same scenario at 500 req/s is bench/bench_endpoint_kill.py.
+Written ahead of issue 3: moving traffic off a dead endpoint needs per-attempt
+outcome reporting from the hooks, retries on connect failure and ejection of
+an endpoint after connect failures (``meshpatch.routing.outcome`` and the route
+policies).  The test skips itself where that module does not exist and runs
+as is where it does.  The bench with the same scenario at 500 req/s is
+bench/bench_endpoint_kill.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.support.servers import http_server, run_app
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(importlib.util.find_spec("meshpatch.routing.outcome") is None,
-                       reason="pending issue 3: per-attempt outcomes, retries and connect-failure ejection"),
+                       reason="needs issue 3: per-attempt outcomes, retries and connect-failure ejection"),
 ]
 
 HOST = "reviews.default.svc.cluster.local"
