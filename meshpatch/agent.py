@@ -53,6 +53,7 @@ class Agent:
         self._started = False
         self._start_lock = threading.Lock()
         self._fork_held: list = []
+        self._fork_paused: Any = None
         self.pid = os.getpid()
 
     def _ensure_started(self) -> None:
@@ -89,8 +90,17 @@ class Agent:
             self._started = False
 
     def before_fork(self) -> None:
-        """Quiesce config updates for the instant of the fork (bounded: a lock
-        still busy after a second is left alone and replaced in the child)."""
+        """Quiesce for the instant of the fork: park the xDS stream outside gRPC
+        (see GrpcAdsTransport.pause_for_fork), then take the locks so no config
+        update is half-done (bounded: a lock still busy after a second is left
+        alone and replaced in the child)."""
+        self._fork_paused = None
+        if self.client is not None and self._started:
+            transport = self.client.transport
+            pause = getattr(transport, "pause_for_fork", None)
+            if pause is not None:
+                pause()
+                self._fork_paused = transport
         held = []
         locks = [self.router._create_lock]
         if self.client is not None:
@@ -107,10 +117,14 @@ class Agent:
         held, self._fork_held = self._fork_held, []
         for lock in reversed(held):
             lock.release()
+        paused, self._fork_paused = self._fork_paused, None
+        if paused is not None:
+            paused.resume_after_fork()
 
     def after_fork_in_child(self) -> None:
         # Locks may have been held by threads that do not exist in the child.
         self._fork_held = []
+        self._fork_paused = None
         self.router._create_lock = threading.Lock()
         self.router._registry_lock = threading.RLock()
         self._start_lock = threading.Lock()

@@ -62,6 +62,7 @@ class SharedTransport(GrpcAdsTransport):
         self.took_over_at: Optional[float] = None
         self._patience = FOLLOWER_PATIENCE if follower_patience is None else follower_patience
         self._orphans: List[Tuple[str, str, Any]] = []
+        self._stopped_relay: Any = None  # stopped for a fork; its watches may still be registered
 
     def bind_client(self, client: Any) -> None:
         self.client = client
@@ -72,12 +73,26 @@ class SharedTransport(GrpcAdsTransport):
         super().stop()
         self._resign()
 
+    def pause_for_fork(self, timeout: float = 1.0) -> bool:
+        """Also stop serving the relay (its gRPC server polls too); followers
+        keep their caches and reconnect when the parent serves again."""
+        parked = super().pause_for_fork(timeout)
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            self._stopped_relay = relay
+            try:
+                relay.stop()
+            except Exception:  # pragma: no cover - the fork must go on
+                log.warning("meshpatch: stopping the pod relay before fork failed", exc_info=True)
+        return parked
+
     def abandon_after_fork(self) -> None:
         super().abandon_after_fork()
-        if self.relay is not None:
-            self._orphans = [(w.type_url, w.name, w) for w in self.relay._watches.values()]
-            self.relay.abandon_after_fork()
-            self.relay = None
+        for relay in (self.relay, self._stopped_relay):
+            if relay is not None:
+                self._orphans += [(w.type_url, w.name, w) for w in list(relay._watches.values())]
+                relay.abandon_after_fork()
+        self.relay = self._stopped_relay = None
         if self.pod is not None:
             self.pod.abandon_after_fork()
 
@@ -110,10 +125,11 @@ class SharedTransport(GrpcAdsTransport):
                 self._go_direct(f"cannot serve the pod relay on {pod.socket_path}: {exc}")
                 return False
             self.relay = relay
+            self._stopped_relay = None
             if self.role == FOLLOWER and self.relay_streams:
                 self.took_over_at = time.monotonic()
                 log.info("meshpatch: took over the pod's xDS stream (pid %d) from the last-known config", os.getpid())
-            else:
+            elif self.role != LEADER:
                 log.info("meshpatch: this process (pid %d) holds the pod's xDS stream; workers share it via %s",
                          os.getpid(), pod.socket_path)
             self._backoff.reset()
@@ -145,6 +161,7 @@ class SharedTransport(GrpcAdsTransport):
         relay_server = None
         waiting_since: Optional[float] = None
         while not self._stop.is_set():
+            self._park_if_paused()
             quiet = False  # a follower that found no leader yet: an election, not an outage
             if self.pod is not None and self._lead():
                 had_response, error = self._stream_once(grpc, self.server)
@@ -178,6 +195,8 @@ class SharedTransport(GrpcAdsTransport):
                 delay = random.uniform(0.0, 0.05) if had_response else self._backoff.next()
             if self._stop.is_set():
                 break
+            if self._paused:
+                continue  # ended for a fork: reconnect right after it
             if quiet:
                 self.last_error = error
                 self.state = CONNECTING

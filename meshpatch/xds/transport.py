@@ -16,6 +16,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from typing import Any, Callable, List, Optional, Tuple
 
 from meshpatch.bootstrap import XdsServer
@@ -29,6 +30,7 @@ BACKOFF = "BACKOFF"  # the last attempt failed; waiting to retry
 STOPPED = "STOPPED"
 
 _CLOSE = object()
+FORK_RESUME_DELAY = 0.05  # a pool forks its workers in a burst: reconnect once, after it
 # Channels abandoned by a fork are kept referenced: letting the child garbage
 # collect a channel created in the parent would call into gRPC's parent state.
 _ABANDONED: List[Any] = []
@@ -73,6 +75,11 @@ class GrpcAdsTransport:
         self.state = CONNECTING
         self.streams_opened = 0
         self.last_error = ""
+        # Fork quiescing (see pause_for_fork): the stream thread parks outside gRPC.
+        self._paused = False
+        self._kept: Any = None  # (server, channel) kept open while paused for a fork
+        self._parked = threading.Event()
+        self._resumed = threading.Event()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="meshpatch-xds", daemon=True)
@@ -101,9 +108,61 @@ class GrpcAdsTransport:
             q.put(_CLOSE)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            try:
+                kept[1].close()
+            except Exception:  # pragma: no cover
+                pass
+
+    def pause_for_fork(self, timeout: float = 1.0) -> bool:
+        """Before a fork: end the stream and wait (bounded) until the stream thread
+        is parked outside gRPC.  A thread polling inside gRPC at the instant of
+        fork leaves the child's copy of gRPC's poller state half-owned, and the
+        child's first channel can then abort ("Check failed: g_active_poller");
+        an idle gRPC (no call, no channel) is what forks safely."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+            return False
+        self._resumed.clear()
+        self._paused = True
+        call = self._call
+        if call is not None:
+            try:
+                call.cancel()
+            except Exception:  # pragma: no cover
+                pass
+        deadline = time.monotonic() + timeout
+        if not self._parked.wait(timeout):
+            return False
+        # grpc's per-channel "spin" thread polls the completion queue until the
+        # channel's last call is accounted for; wait for it to leave (private
+        # attribute, so only where it exists).
+        kept = self._kept
+        state = getattr(kept[1], "_call_state", None) if kept is not None else None
+        while state is not None and getattr(state, "managed_calls", 0) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return True
+
+    def resume_after_fork(self) -> None:
+        """In the parent after the fork: reconnect (once a burst of forks is over)."""
+        self._paused = False
+        self._resumed.set()
+
+    def _park_if_paused(self) -> None:
+        """On the stream thread, between streams: wait out a fork in progress."""
+        while self._paused and not self._stop.is_set():
+            self._parked.set()
+            self._resumed.wait(0.1)
+            if not self._paused:
+                self._parked.clear()
+                self._stop.wait(FORK_RESUME_DELAY)
 
     def abandon_after_fork(self) -> None:
         """In a forked child: never touch the parent's channel or thread again."""
+        if self._kept is not None:
+            _ABANDONED.append(self._kept)
+            self._kept = None
         if self._channel is not None:
             _ABANDONED.append(self._channel)
         self._channel = None
@@ -124,9 +183,12 @@ class GrpcAdsTransport:
         import grpc
 
         while not self._stop.is_set():
+            self._park_if_paused()
             had_response, error = self._stream_once(grpc, self.server)
             if self._stop.is_set():
                 break
+            if self._paused:
+                continue  # ended for a fork: not news, reconnect right after it
             self._stream_ended(error, had_response)
             delay = random.uniform(0.0, 0.05) if had_response else self._backoff.next()
             self._stop.wait(delay)
@@ -148,10 +210,16 @@ class GrpcAdsTransport:
         error = ""
         q: queue.SimpleQueue = queue.SimpleQueue()
         try:
-            self._channel = self._make_channel(grpc, server)
+            kept, self._kept = self._kept, None
+            if kept is not None and kept[0] is server:
+                self._channel = kept[1]  # kept open across a fork: a new stream on the same connection
+            else:
+                if kept is not None:
+                    kept[1].close()
+                self._channel = self._make_channel(grpc, server)
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
             self._call = stub.StreamAggregatedResources(iter(q.get, _CLOSE))
-            if self._stop.is_set():  # stop() ran between our loop check and the call: it could not cancel it
+            if self._stop.is_set() or self._paused:  # stop()/pause ran between our check and the call
                 self._call.cancel()
             self._queue = q
             self.streams_opened += 1
@@ -174,7 +242,12 @@ class GrpcAdsTransport:
             q.put(_CLOSE)
             self._call = None
             channel, self._channel = self._channel, None
-            if channel is not None:
+            if channel is not None and self._paused and not self._stop.is_set():
+                # Ended for a fork: closing now would start gRPC's asynchronous
+                # teardown, whose threads could hold gRPC's locks at the instant
+                # of the fork; an idle open channel is what forks safely.
+                self._kept = (server, channel)
+            elif channel is not None:
                 try:
                     channel.close()
                 except Exception:  # pragma: no cover
