@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
+from meshpatch.routing.cluster_policy import DEFAULT_CIRCUIT_BREAKERS, DEFAULT_LB, CircuitBreakers, LbConfig, OutlierConfig
 from meshpatch.routing.matchers import HeaderMatcher, PathMatcher
 
 
@@ -74,9 +75,15 @@ class ListenerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
+    """``lb_policy`` names the policy (``lb.policy``); ``outlier`` is None when the
+    cluster carries no outlier_detection (meshpatch's default then applies)."""
+
     name: str
     eds_service_name: str
     lb_policy: str = "ROUND_ROBIN"
+    lb: LbConfig = DEFAULT_LB
+    circuit_breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS
+    outlier: Optional[OutlierConfig] = None
 
 
 HEALTHY_STATES = frozenset({0, 1})  # UNKNOWN, HEALTHY: the only ones gRPC sends to
