@@ -8,7 +8,7 @@ it through ``Pick.started`` / ``Pick.finished`` the way the hooks do.
 
 ``misbehaving_server`` is an HTTP server on a loopback address whose answer
 the test switches at run time: ``ok``, an HTTP status (``503``), ``reset``
-(RST instead of a response) or ``slow:<seconds>``.
+(RST instead of a response), ``slow:<seconds>`` or ``every:<n>:<status>``.
 """
 
 from __future__ import annotations
@@ -154,9 +154,10 @@ class Misbehaving:
         self.hits = 0
         self._lock = threading.Lock()
 
-    def count(self) -> None:
+    def count(self) -> int:
         with self._lock:
             self.hits += 1
+            return self.hits
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -165,8 +166,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         state: Misbehaving = self.server.state  # type: ignore[attr-defined]
-        state.count()
+        hit = state.count()
         mode = state.mode
+        if mode.startswith("every:"):  # every:<n>:<status>: each n-th answer is <status>, the rest 200
+            _, n, status = mode.split(":")
+            mode = status if hit % int(n) == 0 else "ok"
         if mode == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
@@ -219,3 +223,38 @@ def refused_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+_DURATIONS = ("interval", "base_ejection_time", "max_ejection_time", "max_ejection_time_jitter")
+
+
+def with_outlier(cluster_proto: cluster_pb2.Cluster, **fields: Any) -> cluster_pb2.Cluster:
+    """Set ``outlier_detection`` fields (durations in seconds, others as values)."""
+    od = cluster_proto.outlier_detection
+    od.SetInParent()
+    for name, value in fields.items():
+        if name in _DURATIONS:
+            getattr(od, name).FromMilliseconds(int(value * 1000))
+        elif name == "split_external_local_origin_errors":
+            od.split_external_local_origin_errors = value
+        else:
+            getattr(od, name).value = value
+    return cluster_proto
+
+
+def with_breakers(cluster_proto: cluster_pb2.Cluster, **fields: int) -> cluster_pb2.Cluster:
+    threshold = cluster_proto.circuit_breakers.thresholds.add()
+    for name, value in fields.items():
+        getattr(threshold, name).value = value
+    return cluster_proto
+
+
+def endpoints_of(specs: Sequence[Misbehaving], priorities: Sequence[int] = ()) -> Any:
+    """A ClusterLoadAssignment for these servers (one locality per priority)."""
+    by_priority: Dict[int, List[Tuple[str, int]]] = {}
+    for index, server in enumerate(specs):
+        by_priority.setdefault(priorities[index] if priorities else 0, []).append((server.host, server.port))
+    groups = sorted(by_priority.items())
+    first_priority, first = groups[0]
+    extra = [(("r", f"z{p}", ""), 1, p, eps) for p, eps in groups[1:]]
+    return res.cla(CLUSTER, first, priority=first_priority, extra_groups=extra)
