@@ -224,3 +224,72 @@ def test_attempt_accounting_stays_exact_under_threads_and_eds_updates() -> None:
         assert sum(counts.values()) > 50
         assert mesh.handle.in_flight == 0
         assert all(s.active == 0 for s in mesh.handle.states.values())
+
+
+def _handle_with_endpoints(count: int = 3):
+    from meshpatch.routing.model import Endpoint, EndpointsConfig, LocalityEndpoints
+    from meshpatch.routing.target import ClusterHandle
+
+    handle = ClusterHandle("c", client=None)
+    endpoints = tuple(Endpoint(f"10.0.0.{i + 1}", 80, 1) for i in range(count))
+    handle._set_endpoints(EndpointsConfig("c", (LocalityEndpoints("r/z/", 1, 0, endpoints),)))
+    return handle, endpoints
+
+
+def test_a_due_refresh_never_blocks_a_pick() -> None:
+    """The refresh a Timed picker asks for is skipped while another thread holds the
+    cluster's bookkeeping lock: the pick goes on with the picker it has."""
+    from meshpatch.routing.lb import Timed
+    from meshpatch.routing.outcome import CONNECT_FAILURE, Outcome
+
+    handle, endpoints = _handle_with_endpoints()
+    for _ in range(5):  # the built-in detector: 5 connect failures eject
+        handle.on_attempt_start(endpoints[0])
+        handle.on_attempt_end(endpoints[0], Outcome(CONNECT_FAILURE))
+    assert isinstance(handle.picker, Timed) and handle.tracker.ejected == {("10.0.0.1", 80)}
+    handle.picker.deadline = 0.0  # due now
+    with handle._lock:
+        done = []
+        worker = threading.Thread(target=lambda: done.append([handle.picker.pick().address for _ in range(30)]))
+        start = time.monotonic()
+        worker.start()
+        worker.join(2)
+        assert done and time.monotonic() - start < 0.5
+        assert "10.0.0.1" not in done[0]
+    handle.picker.pick()  # lock free again: the refresh runs and re-arms the deadline
+    assert isinstance(handle.picker, Timed) and handle.picker.deadline > 0
+
+
+def test_forked_child_starts_with_a_free_lock_and_no_attempts() -> None:
+    import os
+    import signal
+
+    handle, endpoints = _handle_with_endpoints()
+    handle.on_attempt_start(endpoints[0])
+    handle.on_attempt_start(endpoints[1])
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with handle._lock:
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(2)
+    pid = os.fork()
+    if pid == 0:  # child: the holder thread does not exist here
+        ok = False
+        signal.alarm(5)
+        try:
+            ok = handle.in_flight == 0 and all(s.active == 0 for s in handle.states.values())
+            handle.on_attempt_start(endpoints[0])
+            ok = ok and handle.in_flight == 1
+        finally:
+            os._exit(0 if ok else 1)
+    release.set()
+    holder.join(5)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert handle.in_flight == 2  # the parent keeps its own accounting

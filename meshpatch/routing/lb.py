@@ -549,15 +549,27 @@ def _effective_weights(endpoints: Sequence[Endpoint], lb: LbConfig, view: Cluste
     slow = lb.slow_start
     if slow is None:
         return [float(ep.weight) for ep in endpoints]
-    out = []
+    # Inlined SlowStart.factor: this runs for every endpoint at every ramp step.
     now = view.now
+    window = slow.window
+    exponent = 1.0 / slow.aggression
+    floor = slow.min_weight_percent / 100.0
+    states = view.states
+    out = []
+    ramping = False
     for ep in endpoints:
-        state = view.states.get((ep.address, ep.port))
-        added = getattr(state, "added", None)
-        factor = 1.0 if added is None else slow.factor(now - added)
-        if factor < 1.0:
-            view.slow_start_active = True
-        out.append(ep.weight * factor)
+        state = states.get((ep.address, ep.port))
+        age = now - state.added if state is not None else window
+        if age >= window:
+            out.append(float(ep.weight))
+            continue
+        ramping = True
+        ramp = (age if age > 1.0 else 1.0) / window
+        if exponent != 1.0:
+            ramp = ramp ** exponent
+        out.append(ep.weight * (ramp if ramp > floor else floor))
+    if ramping:
+        view.slow_start_active = True
     return out
 
 
@@ -583,33 +595,50 @@ def _locality_order(loc: LocalityEndpoints) -> Tuple[str, ...]:
     return tuple(loc.locality.split("/"))
 
 
-def _hash_picker(weighted: List[Tuple[LocalityEndpoints, List[Endpoint], int]], lb: LbConfig,
-                 view: ClusterView) -> Picker:
-    """One table over the whole priority, in gRPC's order: localities sorted by
-    (region, zone, sub_zone), endpoints in EDS order, weight = locality × endpoint."""
-    from meshpatch.routing.hashing import build_maglev, build_ring, endpoint_hash_key
+def _hash_layout(weighted: List[Tuple[LocalityEndpoints, List[Endpoint], int]]) -> Tuple[List[Endpoint], Tuple[str, ...], Tuple[int, ...]]:
+    from meshpatch.routing.hashing import endpoint_hash_key
 
     endpoints: List[Endpoint] = []
     weights: List[int] = []
-    for loc, eps, loc_weight in sorted(weighted, key=lambda item: _locality_order(item[0])):
+    for _, eps, loc_weight in sorted(weighted, key=lambda item: _locality_order(item[0])):
         for ep in eps:
             endpoints.append(ep)
             weights.append(loc_weight * ep.weight)
     keys = tuple(endpoint_hash_key(ep.address, ep.port, ep.metadata) for ep in endpoints)
-    blocked = frozenset(i for i, ep in enumerate(endpoints) if view.is_ejected(ep))
+    return endpoints, keys, tuple(weights)
+
+
+def _hash_picker(localities: Sequence[LocalityEndpoints], weighted: List[Tuple[LocalityEndpoints, List[Endpoint], int]],
+                 lb: LbConfig, view: ClusterView) -> Picker:
+    """One table over the whole priority, in gRPC's order: localities sorted by
+    (region, zone, sub_zone), endpoints in EDS order, weight = locality × endpoint.
+    Tables are cached by the identity of the priority's EDS data, so rebuilding
+    for an ejection only recomputes which entries are blocked."""
+    from meshpatch.routing.hashing import build_maglev, build_ring
+
     if lb.policy == RING_HASH:
         cap = ring_size_cap()
-        cache_key = (RING_HASH, keys, tuple(weights), lb.min_ring_size, lb.max_ring_size, cap)
-        table = view.cache.get(cache_key)
-        if table is None:
-            table = build_ring(keys, weights, lb.min_ring_size, lb.max_ring_size, cap)
-        view.used[cache_key] = table
+        params: Tuple[Any, ...] = (RING_HASH, lb.min_ring_size, lb.max_ring_size, cap)
+    else:
+        params = (MAGLEV, lb.table_size)
+    cache_key = (params, tuple(id(loc) for loc in localities))
+    cached = view.cache.get(cache_key)
+    if cached is not None and all(a is b for a, b in zip(cached[0], localities)):
+        _, endpoints, table = cached
+    else:
+        endpoints, keys, weights = _hash_layout(weighted)
+        previous = view.cache.get(("content",) + params + (keys, weights))
+        if previous is not None:
+            table = previous
+        elif lb.policy == RING_HASH:
+            table = build_ring(keys, weights, lb.min_ring_size, lb.max_ring_size, params[3])
+        else:
+            table = build_maglev(keys, weights, lb.table_size)
+        view.used[("content",) + params + (keys, weights)] = table
+    view.used[cache_key] = (tuple(localities), endpoints, table)
+    blocked = frozenset(i for i, ep in enumerate(endpoints) if view.is_ejected(ep)) if view.ejected else frozenset()
+    if lb.policy == RING_HASH:
         return RingHash(table[0], table[1], endpoints, blocked)
-    cache_key = (MAGLEV, keys, tuple(weights), lb.table_size)
-    table = view.cache.get(cache_key)
-    if table is None:
-        table = build_maglev(keys, weights, lb.table_size)
-    view.used[cache_key] = table
     return Maglev(table, endpoints, blocked)
 
 
@@ -625,10 +654,10 @@ def _priority_picker(localities: Sequence[LocalityEndpoints], lb: LbConfig, view
         if ignore_ejections:
             saved, view.ejected = view.ejected, frozenset()
             try:
-                return _hash_picker(weighted, lb, view)
+                return _hash_picker(localities, weighted, lb, view)
             finally:
                 view.ejected = saved
-        return _hash_picker(weighted, lb, view)
+        return _hash_picker(localities, weighted, lb, view)
     if lb.policy == PICK_FIRST:
         flat = [ep for _, eps, _ in weighted for ep in eps if ignore_ejections or not view.is_ejected(ep)]
         if lb.shuffle:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import os
 import random
 import threading
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from meshpatch.routing.domains import select_virtual_host
@@ -75,6 +77,7 @@ class ClusterHandle:
         self._outlier_source: Any = None
         self._inner: Picker = self.picker
         self._slow_due = math.inf
+        _HANDLES.add(self)
 
     # per-attempt reporting (called by hooks, from any thread)
     def on_attempt_start(self, endpoint: Any) -> None:
@@ -167,7 +170,9 @@ class ClusterHandle:
             if self.eds_name is not None:
                 self._client.cancel_watch(EDS, self.eds_name, self)
                 self.eds_name = None
-            self.picker = EmptyPicker("cluster does not exist")
+            with self._lock:
+                self.endpoints = None  # a re-added cluster waits for fresh EDS
+                self._inner = self.picker = EmptyPicker("cluster does not exist")
             self.state = MISSING
             self._changed()
 
@@ -254,6 +259,15 @@ class ClusterHandle:
                 self._lock.release()
         return self.picker
 
+    def _after_fork_in_child(self) -> None:
+        """The parent's attempts do not exist in a forked child, and its lock may have
+        been held by a thread that does not either."""
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.retries_active = 0
+        for state in self.states.values():
+            state.active = 0
+
     def endpoint_state(self, address: str, port: int) -> Optional[EndpointState]:
         """Diagnostics/tests: the tracked state of one endpoint."""
         return self.states.get((address, port))
@@ -267,6 +281,18 @@ class ClusterHandle:
             self._client.cancel_watch(EDS, self.eds_name, self)
             self.eds_name = None
         self._client.cancel_watch(CDS, self.name, self)
+
+
+_HANDLES: "weakref.WeakSet[ClusterHandle]" = weakref.WeakSet()
+
+
+def _reset_handles_after_fork() -> None:
+    for handle in list(_HANDLES):
+        handle._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_handles_after_fork)
 
 
 class ClusterManager:
