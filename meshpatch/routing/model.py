@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 from meshpatch.routing.cluster_policy import DEFAULT_CIRCUIT_BREAKERS, DEFAULT_LB, CircuitBreakers, LbConfig, OutlierConfig
 from meshpatch.routing.matchers import HeaderMatcher, PathMatcher
+from meshpatch.routing.route_policy import NO_POLICY, RoutePolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +25,9 @@ class ClusterWeight:
 class RouteAction:
     """Where a matched request goes: one cluster or a weighted set.
 
-    ``kind`` is ``cluster``, ``weighted`` or ``non_forwarding`` (server-side
-    inbound listeners).  ``timeout``/``max_stream_duration`` are seconds, 0 = none.
+    ``kind`` is ``cluster``, ``weighted``, ``redirect`` / ``direct`` (answered
+    locally, HTTP only) or ``non_forwarding`` (server-side inbound listeners).
+    ``timeout``/``max_stream_duration`` are seconds, 0 = none.
     """
 
     kind: str
@@ -48,6 +50,7 @@ class Route:
     name: str
     match: RouteMatch
     action: RouteAction
+    policy: RoutePolicy = NO_POLICY
 
 
 @dataclass(frozen=True, slots=True)

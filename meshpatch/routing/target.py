@@ -353,15 +353,18 @@ class ClusterChooser:
 
 
 class CompiledRoute:
-    __slots__ = ("name", "path", "headers", "fraction", "chooser", "action")
+    __slots__ = ("name", "path", "headers", "query", "fraction", "chooser", "action", "hash_policies", "route")
 
     def __init__(self, route: Route, chooser: Optional[ClusterChooser]) -> None:
         self.name = route.name
         self.path = route.match.path
         self.headers = route.match.headers
+        self.query = route.policy.query
         self.fraction = route.match.fraction
         self.chooser = chooser
         self.action = route.action
+        self.hash_policies = route.policy.hash_policies
+        self.route = route
 
 
 class RouteTable:
@@ -507,6 +510,7 @@ class HostTarget:
                 names.append(action.cluster)
             elif action.kind == "weighted":
                 names.extend(w.name for w in action.weighted)
+            names.extend(m.cluster for m in route.policy.mirrors)
         self._set_clusters(list(dict.fromkeys(names)))
         self._pending_routes = routes
         self._pending_vhost = vhost.name if vhost is not None else ""

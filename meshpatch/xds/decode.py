@@ -35,6 +35,7 @@ from meshpatch.routing.model import (
     RouteMatch,
     VirtualHost,
 )
+from meshpatch.xds.decode_policy import route_policy
 from meshpatch.xds.type_urls import CDS, EDS, HCM_TYPE, LDS, RDS, RESOURCE_WRAPPER
 
 MAX_ITEMS = 100_000  # guards against hostile resources with absurd list sizes
@@ -127,7 +128,7 @@ def _route_config(config: Any, name: str) -> RouteConfig:
         _check_count(name, "routes", vh.routes)
         routes = []
         for index, route in enumerate(vh.routes):
-            decoded = _route(route, name, vh.name, index)
+            decoded = _route(route, name, vh, index)
             if decoded is not None:
                 routes.append(decoded)
         vhosts.append(VirtualHost(vh.name, tuple(d.lower() for d in vh.domains), tuple(routes)))
@@ -137,7 +138,8 @@ def _route_config(config: Any, name: str) -> RouteConfig:
 _DENOMINATORS = {0: 100.0, 1: 10_000.0, 2: 1_000_000.0}
 
 
-def _route(route: Any, config_name: str, vhost: str, index: int):
+def _route(route: Any, config_name: str, vhost_proto: Any, index: int):
+    vhost = vhost_proto.name
     where = f"route {route.name or index} of virtual host {vhost!r}"
     match = route.match
     try:
@@ -146,8 +148,6 @@ def _route(route: Any, config_name: str, vhost: str, index: int):
         raise ResourceError(config_name, f"{where}: {exc}") from None
     if path is None:
         return None  # unsupported path specifier (connect_matcher, path_match_policy): gRPC skips the route
-    if len(match.query_parameters):
-        return None  # gRPC (A28) ignores routes with query parameter matchers
     headers = []
     for hm in match.headers:
         try:
@@ -168,9 +168,17 @@ def _route(route: Any, config_name: str, vhost: str, index: int):
         action = _route_action(route.route, config_name, where)
         if action is None:
             return None
+    elif action_kind == "redirect":
+        action = RouteAction("redirect")
+    elif action_kind == "direct_response":
+        action = RouteAction("direct")
     else:
-        return None  # redirect / direct_response: gRPC ignores the route (issue 3 adds them for HTTP)
-    return Route(route.name, RouteMatch(path, tuple(headers), fraction), action)
+        return None  # filter_action etc.: skipped, as gRPC does
+    try:
+        policy = route_policy(route, vhost_proto)
+    except ValueError as exc:
+        raise ResourceError(config_name, f"{where}: {exc}") from None
+    return Route(route.name, RouteMatch(path, tuple(headers), fraction), action, policy)
 
 
 def _path_matcher(match: Any):
