@@ -191,7 +191,7 @@ def test_least_request_steers_an_apps_concurrent_calls_to_the_fast_pod(http_resu
                                                                        mesh: Mesh) -> None:
     counts = collections.Counter(http_results["lr"])
     fast = counts[f"{mesh.fast.host}:{mesh.fast.port}"]
-    assert fast / sum(counts.values()) > 0.7, counts
+    assert fast / sum(counts.values()) > 0.65, counts  # P2C over 2 pods: ~3/4 (both draws slow: 1/4)
 
 
 GRPC_APP = """
