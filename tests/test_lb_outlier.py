@@ -187,8 +187,8 @@ def _align_to_interval(mesh: LbMesh) -> None:
 
 
 def test_success_rate_ejects_the_statistical_outlier() -> None:
-    od = dict(interval=0.6, base_ejection_time=5, max_ejection_percent=100, enforcing_consecutive_5xx=0,
-              success_rate_minimum_hosts=5, success_rate_request_volume=10)
+    od = dict(interval=1.0, base_ejection_time=5, max_ejection_percent=100, enforcing_consecutive_5xx=0,
+              success_rate_minimum_hosts=5, success_rate_request_volume=6)
     specs = [("127.0.0.2", "every:2:503")] + [(f"127.0.0.{i}", "ok") for i in range(3, 7)]
     with servers(specs) as all_servers, lb_mesh() as mesh:
         mesh.serve(with_outlier(cluster(), **od), endpoints_of(all_servers))
@@ -215,9 +215,9 @@ def test_success_rate_needs_minimum_hosts_and_volume() -> None:
 
 
 def test_failure_percentage_ejects_above_threshold() -> None:
-    od = dict(interval=0.6, base_ejection_time=5, max_ejection_percent=100, enforcing_consecutive_5xx=0,
+    od = dict(interval=1.0, base_ejection_time=5, max_ejection_percent=100, enforcing_consecutive_5xx=0,
               enforcing_success_rate=0, failure_percentage_threshold=40, enforcing_failure_percentage=100,
-              failure_percentage_minimum_hosts=3, failure_percentage_request_volume=10)
+              failure_percentage_minimum_hosts=3, failure_percentage_request_volume=6)
     specs = [("127.0.0.2", "every:2:503"), ("127.0.0.3", "every:4:503"), ("127.0.0.4", "ok")]
     with servers(specs) as all_servers, lb_mesh() as mesh:
         mesh.serve(with_outlier(cluster(), **od), endpoints_of(all_servers))
