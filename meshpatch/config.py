@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 
-KNOWN_HOOKS = ("requests", "httpx", "grpc")
+KNOWN_HOOKS = ("requests", "httpx", "grpc", "wsgi", "asgi", "grpc_server")
+#: Hooks that capture inbound requests (canary lanes) rather than route calls.
+SERVER_HOOKS = ("wsgi", "asgi", "grpc_server")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -193,6 +195,8 @@ class Settings:
         "cluster_domain",
         "outlier",
         "ring_size_cap",
+        "registry",
+        "registry_aliases",
     )
 
     def __init__(self, environ=os.environ) -> None:
@@ -216,3 +220,80 @@ class Settings:
         # clear message; the cluster code reads the same variables when needed.
         self.outlier = parse_outlier_env(environ)
         self.ring_size_cap = parse_ring_size_cap(environ)
+        # Parsed (with their own ConfigErrors) when the agent is built: see meshpatch.registries.config.
+        self.registry = (environ.get("MESHPATCH_REGISTRY") or "").strip() or None
+        self.registry_aliases = (environ.get("MESHPATCH_REGISTRY_ALIASES") or "").strip() or None
+
+
+# -- observability and lanes (issue 7) -------------------------------------------
+# Parsed at activation with the rest, so a bad value is reported once and named;
+# kept as plain functions here (this module is the only one start-up may import).
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def parse_admin_address(environ=os.environ):
+    """``MESHPATCH_ADMIN``: None (off, the default), ``("unix", path)`` or
+    ``("tcp", host, port)`` on a loopback address.  ``{pid}`` in a socket path
+    is replaced by the process id, so every worker of a pre-fork server gets
+    its own socket.  Anything that could listen beyond this machine is refused:
+    the status view shows the mesh's configuration."""
+    name = "MESHPATCH_ADMIN"
+    raw = (environ.get(name) or "").strip()
+    if raw.lower() in _FALSE:
+        return None
+    fix = "use unix:///path/admin.sock (may contain {pid}) or 127.0.0.1:PORT"
+    if raw.startswith("unix:"):
+        path = raw[len("unix:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path.startswith("/"):
+            raise ConfigError(name, f"{raw!r} needs an absolute socket path", fix)
+        return ("unix", path.replace("{pid}", str(os.getpid())))
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(name, f"{raw!r} is neither unix:///path nor host:port", fix)
+    host = host.strip("[]") if host.startswith("[") else host
+    if host not in _LOOPBACK_HOSTS and not host.startswith("127."):
+        raise ConfigError(name, f"{host!r} is not a loopback address (the admin endpoint never listens beyond this host)", fix)
+    if host.startswith("127."):
+        parts = host.split(".")
+        if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
+            raise ConfigError(name, f"{host!r} is not an IPv4 address", fix)
+    return ("tcp", "::1" if host in ("::1", "[::1]") else ("127.0.0.1" if host == "localhost" else host), int(port))
+
+
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def is_token(text: str, limit: int = 64) -> bool:
+    """A header name / lane name / label key we accept: 1..limit of [A-Za-z0-9._-]."""
+    return 0 < len(text) <= limit and all(ch in _TOKEN_CHARS for ch in text)
+
+
+class LaneSettings:
+    """Canary lanes: where a lane tag arrives and where endpoints declare theirs.
+
+    ``header``: request header carrying the lane (lower case); ``baggage_key``:
+    the W3C baggage / OTel Baggage key carrying it; ``label``: the endpoint label
+    (EDS ``filter_metadata["meshpatch"]["labels"]``, registry labels) naming an
+    endpoint's lane.  ``enabled`` False turns capture, propagation and lane
+    preference off.
+    """
+
+    __slots__ = ("enabled", "header", "baggage_key", "label")
+
+    def __init__(self, environ=os.environ) -> None:
+        self.enabled = _parse_bool(environ, "MESHPATCH_LANES", True)
+        self.header = (environ.get("MESHPATCH_LANE_HEADER") or "x-mesh-lane").strip().lower()
+        if not is_token(self.header):
+            raise ConfigError("MESHPATCH_LANE_HEADER", f"{self.header!r} is not a header name",
+                              "use letters, digits, '-', '_' or '.', e.g. x-mesh-lane")
+        self.baggage_key = (environ.get("MESHPATCH_LANE_BAGGAGE_KEY") or "mesh.lane").strip()
+        if not is_token(self.baggage_key, 128):
+            raise ConfigError("MESHPATCH_LANE_BAGGAGE_KEY", f"{self.baggage_key!r} is not a baggage key",
+                              "use letters, digits, '-', '_' or '.', e.g. mesh.lane")
+        self.label = (environ.get("MESHPATCH_LANE_LABEL") or "lane").strip()
+        if not self.label or any(ch in self.label for ch in " ,;=\"'"):
+            raise ConfigError("MESHPATCH_LANE_LABEL", f"{self.label!r} is not a label key",
+                              "use a label key such as lane or traffic.opensergo.io/label")

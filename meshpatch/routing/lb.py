@@ -472,23 +472,20 @@ class WeightedRandom(Picker):
 
 class Timed(Picker):
     """A picker with a deadline: the first pick after it asks the cluster to refresh
-    (return ejected endpoints, step a slow-start ramp) and uses the fresh picker.
-    Only clusters with something pending get this wrapper; the refresh itself
-    never blocks a pick (the cluster gives up if its lock is busy)."""
+    (return ejected endpoints, step a slow-start ramp); the following picks use
+    the fresh picker.  Only clusters with something pending get this wrapper; the
+    refresh itself never blocks a pick (the cluster gives up if its lock is busy)."""
 
     __slots__ = ("inner", "deadline", "_refresh")
 
-    def __init__(self, inner: Picker, deadline: float, refresh: Callable[[], Picker]) -> None:
+    def __init__(self, inner: Picker, deadline: float, refresh: Callable[[], None]) -> None:
         self.inner = inner
         self.deadline = deadline
         self._refresh = refresh
 
     def pick(self, request_hash: Optional[int] = None, exclude: Optional[Container] = None) -> Optional[Endpoint]:
         if time.monotonic() >= self.deadline:
-            current = self._refresh()
-            if isinstance(current, Timed):
-                current = current.inner
-            return current.pick(request_hash, exclude)
+            self._refresh()
         return self.inner.pick(request_hash, exclude)
 
     @property

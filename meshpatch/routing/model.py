@@ -87,6 +87,10 @@ class ClusterConfig:
     lb: LbConfig = DEFAULT_LB
     circuit_breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS
     outlier: Optional[OutlierConfig] = None
+    # The DestinationRule subset's labels when the control plane sends them
+    # (filter_metadata "meshpatch".subset_labels; istiod does not): which
+    # registry instances join this cluster.  None = not sent.
+    subset_labels: Optional[Tuple[Tuple[str, str], ...]] = None
 
 
 HEALTHY_STATES = frozenset({0, 1})  # UNKNOWN, HEALTHY: the only ones gRPC sends to

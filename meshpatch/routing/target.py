@@ -22,9 +22,11 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
-from meshpatch.routing.domains import select_virtual_host
+from meshpatch import lanes
 from meshpatch.routing.cluster_policy import DEFAULT_CIRCUIT_BREAKERS, DEFAULT_LB, CircuitBreakers, default_outlier
+from meshpatch.routing.domains import select_virtual_host
 from meshpatch.routing.lb import ClusterView, EmptyPicker, Picker, Timed, build_picker
+from meshpatch.routing.merge import for_port, matching, merge_endpoints, parse_cluster_name, subset_selector
 from meshpatch.routing.model import ClusterConfig, EndpointsConfig, ListenerConfig, Route, RouteConfig
 from meshpatch.routing.outlier import EndpointState, OutlierTracker
 from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS
@@ -50,14 +52,14 @@ class ClusterHandle:
     usable endpoint set or their weights changed.
     """
 
-    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight",
-                 "retries_active", "endpoints", "states", "tracker", "_lock", "_cache", "_breakers", "_seed",
-                 "_outlier_source", "_inner", "_slow_due", "__weakref__")
+    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight", "_eds", "_registry",
+                 "_registry_key", "_registry_seen", "retries_active", "endpoints", "states", "tracker", "_lock",
+                 "_cache", "_breakers", "_seed", "_outlier_source", "_inner", "_slow_due", "__weakref__")
 
     # Slow-start ramps are stepped this often (a fraction of the window, at most 1 s apart).
     SLOW_START_STEPS = 50
 
-    def __init__(self, name: str, client: Any) -> None:
+    def __init__(self, name: str, client: Any, registry: Any = None) -> None:
         self.name = name
         self.config: Optional[ClusterConfig] = None
         self.picker: Picker = EmptyPicker("cluster not received yet")
@@ -66,8 +68,14 @@ class ClusterHandle:
         self.users: List["HostTarget"] = []
         self._client = client
         self.in_flight = 0
+        # Registry merge (README "Registries"): the picker is built from EDS ∪
+        # the registry instances of the cluster's host, rebuilt when either changes.
+        self._eds: Optional[EndpointsConfig] = None
+        self._registry = registry
+        self._registry_key = parse_cluster_name(name) if registry is not None else None
+        self._registry_seen: Any = None
         self.retries_active = 0
-        self.endpoints: Optional[EndpointsConfig] = None
+        self.endpoints: Optional[EndpointsConfig] = None  # what the picker is built from (EDS ∪ registries)
         self.states: Dict[Tuple[str, int], EndpointState] = {}
         self.tracker: Optional[OutlierTracker] = None
         self._lock = threading.Lock()
@@ -78,6 +86,8 @@ class ClusterHandle:
         self._inner: Picker = self.picker
         self._slow_due = math.inf
         _HANDLES.add(self)
+        if self._registry_key is not None:
+            registry.watch_host(self._registry_key[1])
 
     # per-attempt reporting (called by hooks, from any thread)
     def on_attempt_start(self, endpoint: Any) -> None:
@@ -153,9 +163,10 @@ class ClusterHandle:
             with self._lock:
                 self.config = value
                 self._breakers = value.circuit_breakers
-                self._configure_outlier_locked(time.monotonic())
-                if self.endpoints is not None:
-                    self._rebuild_locked(time.monotonic())
+                now = time.monotonic()
+                self._configure_outlier_locked(now)
+                if self._eds is not None:
+                    self._rebuild_locked(now)  # LB policy, slow start or the subset's labels may have changed
             if value.eds_service_name != self.eds_name:
                 if self.eds_name is not None:
                     self._client.cancel_watch(EDS, self.eds_name, self)
@@ -171,7 +182,7 @@ class ClusterHandle:
                 self._client.cancel_watch(EDS, self.eds_name, self)
                 self.eds_name = None
             with self._lock:
-                self.endpoints = None  # a re-added cluster waits for fresh EDS
+                self._eds = self.endpoints = None  # a re-added cluster waits for fresh EDS
                 self._inner = self.picker = EmptyPicker("cluster does not exist")
             self.state = MISSING
             self._changed()
@@ -185,23 +196,44 @@ class ClusterHandle:
             self._changed()
 
     def _set_endpoints(self, endpoints: EndpointsConfig) -> None:
-        now = time.monotonic()
         with self._lock:
-            self.endpoints = endpoints
-            old = self.states
-            states: Dict[Tuple[str, int], EndpointState] = {}
+            self._eds = endpoints
+            self._rebuild_locked(time.monotonic())
+        key = self._registry_key
+        if self.state == PENDING and key is not None and not self._registry.settled(key[1]):
+            return  # resolved once the registries have answered for the host too (registry_changed)
+        self.state = RESOLVED
+        self._changed()
+
+    def _merged_endpoints(self) -> Optional[EndpointsConfig]:
+        """EDS, or EDS ∪ the registry instances of this cluster's host and subset."""
+        key = self._registry_key
+        instances = (self._registry.instances(key[1]) or ()) if key is not None else ()
+        self._registry_seen = instances
+        if not instances:
+            return self._eds
+        subset, _, port = key  # type: ignore[misc]
+        labels = self.config.subset_labels if self.config is not None else None
+        selector = subset_selector(subset, dict(labels) if labels is not None else None)
+        joining = matching(for_port(instances, port), selector)
+        return merge_endpoints(self.name, self._eds, joining, instances)
+
+    def _track_locked(self, endpoints: Optional[EndpointsConfig], now: float) -> None:
+        """Per-endpoint state for exactly the endpoints the picker may choose: kept for
+        those that stay, created for newcomers (slow start counts from now), dropped
+        with their ejection for those that left (Envoy drops their monitors)."""
+        old = self.states
+        states: Dict[Tuple[str, int], EndpointState] = {}
+        if endpoints is not None:
             for locality in endpoints.localities:
                 for endpoint in locality.endpoints:
                     key = (endpoint.address, endpoint.port)
                     states[key] = old.get(key) or EndpointState(key, now)
-            if self.tracker is not None:
-                self.tracker.forget([key for key in old if key not in states])
-            self.states = states
-            if self.tracker is None and self._outlier_source is None:
-                self._configure_outlier_locked(now)
-            self._rebuild_locked(now)
-        self.state = RESOLVED
-        self._changed()
+        if self.tracker is not None:
+            self.tracker.forget([key for key in old if key not in states])
+        self.states = states
+        if self.tracker is None and self._outlier_source is None:
+            self._configure_outlier_locked(now)
 
     def _configure_outlier_locked(self, now: float) -> None:
         """The cluster's outlier_detection, else meshpatch's default (env / built-in);
@@ -219,13 +251,18 @@ class ClusterHandle:
                     state.ejected_at = None
         self.tracker = OutlierTracker(config, now) if config is not None else None
 
-    def _rebuild_locked(self, now: float) -> None:
-        """A new immutable picker from endpoints + state (ejections, slow-start weights)."""
+    def _rebuild_locked(self, now: float, merge: bool = True) -> None:
+        """A new immutable picker from endpoints + state (ejections, slow-start weights);
+        per-lane pickers when endpoints carry lane labels.  ``merge`` recomputes
+        the endpoint set (EDS / registry change); ejections and ramps reuse it."""
+        if merge:
+            self.endpoints = self._merged_endpoints()
+            self._track_locked(self.endpoints, now)
         lb = self.config.lb if self.config is not None else DEFAULT_LB
         tracker = self.tracker
         ejected = frozenset(tracker.ejected) if tracker is not None else frozenset()
         view = ClusterView(self.states, ejected, now, self._cache, self._seed)
-        self._inner = build_picker(self.endpoints, lb, view)
+        self._inner = lanes.build(self.endpoints, lambda config: build_picker(config, lb, view))
         self._cache = view.used
         self._slow_due = math.inf
         if view.slow_start_active and lb.slow_start is not None:
@@ -233,16 +270,26 @@ class ClusterHandle:
         self._publish_locked()
 
     def _publish_locked(self) -> None:
-        """Swap in the picker, wrapped with a deadline when an outlier interval (with
-        endpoints ejected) or a slow-start step will change it later."""
+        """Swap in the picker, with a deadline when an outlier interval (with endpoints
+        ejected) or a slow-start step will change it later.  A lane picker keeps
+        its class (the call path recognises it) and gets timed lanes instead."""
         deadline = self._slow_due
         tracker = self.tracker
         if tracker is not None and tracker.ejected:
             deadline = min(deadline, tracker.next_tick)
         inner = self._inner
-        self.picker = Timed(inner, deadline, self._refresh) if deadline < math.inf else inner
+        if deadline == math.inf:
+            self.picker = inner
+        elif isinstance(inner, lanes.LanePicker):
+            refresh = self._refresh
+            self.picker = lanes.LanePicker(
+                {lane: Timed(p, deadline, refresh) for lane, p in inner.by_lane.items()},
+                Timed(inner.baseline, deadline, refresh) if inner.baseline is not None else None,
+                Timed(inner.everything, deadline, refresh))
+        else:
+            self.picker = Timed(inner, deadline, self._refresh)
 
-    def _refresh(self) -> Picker:
+    def _refresh(self) -> None:
         """Called by a :class:`Timed` picker past its deadline, from a pick: run the
         outlier interval if due, then rebuild only if something changed.  Never
         waits for the lock (another thread is already refreshing)."""
@@ -252,12 +299,11 @@ class ClusterHandle:
                 tracker = self.tracker
                 changed = tracker is not None and now >= tracker.next_tick and tracker.tick(self.states, now)
                 if changed or now >= self._slow_due:
-                    self._rebuild_locked(now)
+                    self._rebuild_locked(now, merge=False)
                 else:
                     self._publish_locked()
             finally:
                 self._lock.release()
-        return self.picker
 
     def _after_fork_in_child(self) -> None:
         """The parent's attempts do not exist in a forked child, and its lock may have
@@ -271,6 +317,23 @@ class ClusterHandle:
     def endpoint_state(self, address: str, port: int) -> Optional[EndpointState]:
         """Diagnostics/tests: the tracked state of one endpoint."""
         return self.states.get((address, port))
+
+    def registry_changed(self) -> None:
+        """A registry changed (under the xDS lock): rebuild the picker if this
+        cluster's host is affected; the routes that use it need no change."""
+        key = self._registry_key
+        if key is None or self._eds is None:
+            return
+        if self.state == PENDING:
+            if self._registry.settled(key[1]):
+                with self._lock:
+                    self._rebuild_locked(time.monotonic())
+                self.state = RESOLVED
+                self._changed()
+            return
+        if self.state == RESOLVED and (self._registry.instances(key[1]) or ()) != self._registry_seen:
+            with self._lock:
+                self._rebuild_locked(time.monotonic())
 
     def _changed(self) -> None:
         for target in list(self.users):
@@ -298,14 +361,15 @@ if hasattr(os, "register_at_fork"):
 class ClusterManager:
     """Reference-counted cluster handles; lives under the xDS client lock."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, registry: Any = None) -> None:
         self._client = client
+        self._registry = registry
         self._handles: Dict[str, ClusterHandle] = {}
 
     def acquire(self, name: str, user: "HostTarget") -> ClusterHandle:
         handle = self._handles.get(name)
         if handle is None:
-            handle = self._handles[name] = ClusterHandle(name, self._client)
+            handle = self._handles[name] = ClusterHandle(name, self._client, self._registry)
             handle.users.append(user)
             self._client.watch(CDS, name, handle)
         else:
@@ -327,6 +391,10 @@ class ClusterManager:
 
     def names(self) -> List[str]:
         return sorted(self._handles)
+
+    def registry_changed(self) -> None:
+        for handle in list(self._handles.values()):
+            handle.registry_changed()
 
 
 class ClusterChooser:
@@ -440,7 +508,8 @@ NOT_FOUND = TargetSnapshot((), "", "")  # the control plane does not know this h
 class HostTarget:
     """Resolution state of one ``host:port``; an xDS watcher for LDS and RDS."""
 
-    def __init__(self, host: str, port: int, client: Any, clusters: ClusterManager, timeout: float) -> None:
+    def __init__(self, host: str, port: int, client: Any, clusters: ClusterManager, timeout: float,
+                 registry: Any = None) -> None:
         self.host = host
         self.port = port
         self.authority = f"{host}:{port}"
@@ -456,14 +525,19 @@ class HostTarget:
         self._pending_routes: Optional[Tuple[Route, ...]] = None
         self._pending_vhost = ""
         self.listener: Optional[ListenerConfig] = None
+        self._registry = registry
+        self._fallback: Any = None  # RegistryFallback while LDS says the host is not in the mesh
 
     def start(self) -> None:
+        if self._registry is not None:
+            self._registry.watch_host(self.host)  # per-service registries start looking now, in parallel with LDS
         self._client.watch(LDS, self.lds_name, self)
 
     # xDS watcher protocol
     def on_resource(self, type_url: str, name: str, value: Any) -> None:
         if type_url == LDS:
             self.listener = value
+            self._fallback = None
             if value.rds_name is not None:
                 if value.rds_name != self._rds_name:
                     old = self._rds_name
@@ -484,15 +558,40 @@ class HostTarget:
             self._route_config = None
             self._set_clusters([])
             self._pending_routes = None
-            self.snapshot = NOT_FOUND
-            self.ready.set()
+            self._not_in_mesh()
 
     def on_error(self, type_url: str, name: str, reason: str) -> None:
         # A listener that was never good: the host is effectively unknown to us;
         # the app's calls go out untouched rather than wait.
         if type_url == LDS and self.listener is None and self.snapshot is None:
+            self._not_in_mesh()
+
+    def _not_in_mesh(self) -> None:
+        """Not an xDS host: route it from the registries if one knows it, else
+        NOT_FOUND (calls go out untouched).  While a registry has not answered
+        yet the snapshot stays unset, so the first call waits (bounded)."""
+        if self._registry is None:
             self.snapshot = NOT_FOUND
             self.ready.set()
+            return
+        if self._fallback is None:
+            from meshpatch.routing.registry_route import RegistryFallback
+
+            self._fallback = RegistryFallback(self.host, self.port, self._registry)
+        snapshot, _ = self._fallback.evaluate()
+        if snapshot is not None:
+            self.snapshot = snapshot
+            self.ready.set()
+
+    def registry_changed(self) -> None:
+        if self._fallback is not None:
+            self._not_in_mesh()
+
+    def xds_unavailable(self) -> None:
+        """The xDS server cannot be reached and this host never resolved: the
+        registries may route it meanwhile (LDS, when it comes, takes over)."""
+        if self._registry is not None and self._fallback is None and self.listener is None and self.snapshot is None:
+            self._not_in_mesh()
 
     def _drop_rds(self) -> None:
         if self._rds_name is not None:

@@ -287,7 +287,24 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
         outlier = policy.outlier_detection(cluster)
     except ValueError as exc:
         raise ResourceError(name, str(exc)) from None
-    return name, ClusterConfig(name, eds.service_name or name, lb.policy, lb, breakers, outlier)
+    return name, ClusterConfig(name, eds.service_name or name, lb.policy, lb, breakers, outlier,
+                               subset_labels=_subset_labels(cluster))
+
+
+def _subset_labels(cluster: Any):
+    """``filter_metadata["meshpatch"].subset_labels`` (our control plane) → sorted pairs, or None."""
+    ours = cluster.metadata.filter_metadata.get("meshpatch") if cluster.HasField("metadata") else None
+    if ours is None or "subset_labels" not in ours.fields:
+        return None
+    value = ours.fields["subset_labels"]
+    if value.WhichOneof("kind") != "struct_value":
+        raise ResourceError(cluster.name, "metadata meshpatch.subset_labels must be a map of strings")
+    pairs = []
+    for key, item in value.struct_value.fields.items():
+        if item.WhichOneof("kind") != "string_value":
+            raise ResourceError(cluster.name, f"metadata meshpatch.subset_labels.{key} is not a string")
+        pairs.append((key, item.string_value))
+    return tuple(sorted(pairs))
 
 
 # --- EDS -------------------------------------------------------------------
