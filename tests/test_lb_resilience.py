@@ -305,3 +305,26 @@ def test_forked_child_starts_with_a_free_lock_and_no_attempts() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     assert handle.in_flight == 2  # the parent keeps its own accounting
+
+
+def test_lane_pickers_keep_their_class_and_skip_ejected_endpoints() -> None:
+    """Canary lanes (issue 7) build per-lane pickers; with an ejection pending the
+    cluster times each lane's picker instead of hiding the lane picker."""
+    from meshpatch import lanes
+    from meshpatch.routing.model import Endpoint, EndpointsConfig, LocalityEndpoints
+    from meshpatch.routing.outcome import CONNECT_FAILURE, Outcome
+    from meshpatch.routing.target import ClusterHandle
+
+    gray = {"meshpatch": {"labels": {"lane": "gray"}}}
+    endpoints = (Endpoint("10.0.0.1", 80, 1), Endpoint("10.0.0.2", 80, 1), Endpoint("10.0.0.3", 80, 1, 1, gray))
+    handle = ClusterHandle("c", client=None)
+    handle._set_endpoints(EndpointsConfig("c", (LocalityEndpoints("r/z/", 1, 0, endpoints),)))
+    assert type(handle.picker) is lanes.LanePicker
+    for _ in range(5):
+        handle.on_attempt_start(endpoints[0])
+        handle.on_attempt_end(endpoints[0], Outcome(CONNECT_FAILURE))
+    assert handle.tracker.ejected == {("10.0.0.1", 80)}
+    picker = handle.picker
+    assert type(picker) is lanes.LanePicker
+    assert {picker.pick_in_lane(None).address for _ in range(20)} == {"10.0.0.2"}
+    assert {picker.pick_in_lane("gray").address for _ in range(20)} == {"10.0.0.3"}
