@@ -98,7 +98,8 @@ class SotwStream:
     def handle_request(self, req: discovery_pb2.DiscoveryRequest) -> List[discovery_pb2.DiscoveryResponse]:
         if self.node is None:
             if req.HasField("node"):
-                self.node = ProxyNode.from_fields(req.node.id, _node_metadata(req.node))
+                loc = req.node.locality
+                self.node = ProxyNode.from_fields(req.node.id, _node_metadata(req.node), (loc.region, loc.zone, loc.sub_zone))
                 log.info("meshpatch control plane: stream %d from %s is node %s (namespace %s)",
                          self.id, self.peer or "?", self.node.id, self.node.namespace)
             else:

@@ -138,15 +138,17 @@ def bootstrap_config(
     node_id: str = DEFAULT_NODE_ID,
     namespace: str = DEFAULT_NAMESPACE,
     metadata: Optional[Dict[str, object]] = None,
+    locality: Optional[Dict[str, str]] = None,
 ) -> Dict[str, object]:
-    """A proxyless gRPC bootstrap in istio-agent's shape (insecure channel creds)."""
+    """A proxyless gRPC bootstrap in istio-agent's shape (insecure channel creds);
+    ``locality`` is ``{"region": .., "zone": .., "sub_zone": ..}``."""
     md: Dict[str, object] = {"GENERATOR": "grpc", "NAMESPACE": namespace}
     md.update(metadata or {})
     return {
         "xds_servers": [
             {"server_uri": address, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}
         ],
-        "node": {"id": node_id, "metadata": md, "locality": {}},
+        "node": {"id": node_id, "metadata": md, "locality": dict(locality or {})},
         "server_listener_resource_name_template": "xds.istio.io/grpc/lds/inbound/%s",
     }
 
@@ -185,6 +187,7 @@ class AdsClient:
         node_id: str = DEFAULT_NODE_ID,
         namespace: Optional[str] = DEFAULT_NAMESPACE,
         metadata: Optional[Dict[str, object]] = None,
+        locality: Optional[Dict[str, str]] = None,
     ) -> None:
         md: Dict[str, object] = {"GENERATOR": "grpc"}
         if namespace is not None:
@@ -192,7 +195,7 @@ class AdsClient:
         md.update(metadata or {})
         st = struct_pb2.Struct()
         st.update(md)
-        self.node = base_pb2.Node(id=node_id, metadata=st)
+        self.node = base_pb2.Node(id=node_id, metadata=st, locality=base_pb2.Locality(**(locality or {})))
         self._node_sent = False
         self._requests: "queue.Queue[Optional[discovery_pb2.DiscoveryRequest]]" = queue.Queue()
         self._responses: "queue.Queue[object]" = queue.Queue()
