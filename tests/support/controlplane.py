@@ -19,7 +19,7 @@ import queue
 import shutil
 import tempfile
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -61,13 +61,15 @@ def node_id_for(namespace: str, pod: str = "client", ip: str = "127.0.0.1") -> s
 class ControlPlane:
     """An in-process :class:`ControlPlaneServer` fed from a temp-dir YAML file."""
 
-    def __init__(self, yaml_text: str = "", *, poll_interval: float = 0.05, filename: str = "mesh.yaml") -> None:
+    def __init__(self, yaml_text: str = "", *, poll_interval: float = 0.05, filename: str = "mesh.yaml",
+                 resource_hook: Optional[Callable[[str, Message], None]] = None) -> None:
         self._initial = yaml_text
         self._dir = tempfile.mkdtemp(prefix="meshpatch-cp-")
         self.config_file = os.path.join(self._dir, filename)
         self.config_dir = self._dir
         self._write_file(yaml_text)
-        self.server = ControlPlaneServer(self._dir, listen="127.0.0.1:0", poll_interval=poll_interval)
+        self.server = ControlPlaneServer(self._dir, listen="127.0.0.1:0", poll_interval=poll_interval,
+                                         resource_hook=resource_hook)
 
     @property
     def address(self) -> str:
