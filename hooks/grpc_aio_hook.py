@@ -23,6 +23,7 @@ import grpc.aio
 from meshpatch import safety
 from meshpatch.api import MeshError
 
+from . import grpc_hook
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
 
@@ -118,8 +119,9 @@ class MeshAioChannel(grpc.aio.Channel):
     def __repr__(self) -> str:
         return f"<meshpatch MeshAioChannel {self._mesh.authority!r} endpoints={len(self._subchannels)}>"
 
-    def _route(self, method: str, metadata: Any) -> _Key:
-        """Where one call goes; raises ``MeshError`` for the caller to turn into a failed call."""
+    def _start(self, method: str, metadata: Any) -> Any:
+        """The routed call for one RPC (None = not in the mesh); raises
+        ``MeshError`` for the caller to turn into a failed call."""
         if is_suppressed():
             return None
         try:
@@ -127,14 +129,19 @@ class MeshAioChannel(grpc.aio.Channel):
             if agent is None:
                 return None
             mesh = self._mesh
-            pick = agent.router.pick("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
+            return agent.router.start("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
         except MeshError:
             raise
         except Exception as exc:
             safety.internal_error("hooks.grpc_aio.pick", exc)
             return None
-        if pick is None:
+
+    def _route(self, method: str, metadata: Any) -> _Key:
+        """Where a call would go (connectivity questions); no attempt is made."""
+        call = self._start(method, metadata)
+        if call is None:
             return None
+        pick = call.next_pick()
         return (pick.address, pick.port)
 
     def _channel_for(self, key: _Key) -> Any:
@@ -212,17 +219,182 @@ class _Dispatch:
         self._kwargs = kwargs
         self._calls: Dict[_Key, Any] = {}
 
-    def __call__(self, request: Any = None, **kwargs: Any) -> Any:
-        try:
-            key = self._channel._route(self._method, kwargs.get("metadata"))
-        except MeshError as exc:
-            return FailedAioCall(str(exc))
+    def _callable(self, key: _Key) -> Any:
         call = self._calls.get(key)
         if call is None:
             channel = self._channel._channel_for(key)
             call = getattr(channel, self._kind)(self._method, *self._args, **self._kwargs)
             self._calls[key] = call
-        return call(request, **kwargs)
+        return call
+
+    def _attempt(self, call: Any, request: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
+        """Start one attempt: (pick, the real aio call)."""
+        pick = call.next_pick()
+        limit = call.attempt_timeout()
+        if limit is not None:
+            kwargs = dict(kwargs)
+            timeout = kwargs.get("timeout")
+            kwargs["timeout"] = limit if timeout is None else min(timeout, limit)
+        rpc = self._callable((pick.address, pick.port))(request, **kwargs)
+        pick.started()
+        return pick, rpc
+
+    def __call__(self, request: Any = None, **kwargs: Any) -> Any:
+        try:
+            call = self._channel._start(self._method, kwargs.get("metadata"))
+            if call is None:
+                return self._callable(None)(request, **kwargs)
+            if self._kind == "unary_unary" and (call.policy.retry is not None or call.policy.fault is not None):
+                return _UnaryCall(self, call, request, kwargs)
+            fault = call.fault()
+            if fault is not None:  # streams: abort applies; a delay cannot be applied without blocking
+                fault.done()
+                error = grpc_hook.fault_error(fault)
+                if error is not None:
+                    return FailedAioCall(error.details(), error.code())
+            pick, rpc = self._attempt(call, request, kwargs)
+        except MeshError as exc:
+            return FailedAioCall(str(exc))
+        _report_when_done(rpc, pick, call)
+        return rpc
+
+
+def _report_when_done(rpc: Any, pick: Any, call: Any) -> None:
+    def done(_: Any) -> None:
+        async def finish() -> None:
+            try:
+                code = await rpc.code()
+                details = await rpc.details() if code != grpc.StatusCode.OK else ""
+                pick.finished(_outcome(code, details))
+                call.attempt_finished()
+            except Exception as exc:
+                safety.internal_error("hooks.grpc_aio.report", exc)
+
+        asyncio.ensure_future(finish())
+
+    try:
+        rpc.add_done_callback(done)
+    except Exception as exc:
+        safety.internal_error("hooks.grpc_aio.report", exc)
+
+
+def _outcome(code: Any, details: str) -> Any:
+    if code == grpc.StatusCode.OK:
+        return grpc_hook.outcome_of(None)
+    return grpc_hook.outcome_of(grpc_hook.MeshRpcError(details or "", code))
+
+
+class _UnaryCall:
+    """An aio unary call with mesh retries / fault injection: awaitable like
+    grpc's UnaryUnaryCall; status methods answer for the last attempt."""
+
+    def __init__(self, dispatch: _Dispatch, call: Any, request: Any, kwargs: Dict[str, Any]) -> None:
+        self._dispatch = dispatch
+        self._call = call
+        self._request = request
+        self._kwargs = kwargs
+        self._last: Any = None
+        self._task: Optional[asyncio.Future] = None
+        self._error: Optional[BaseException] = None
+
+    def _run_task(self) -> asyncio.Future:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+        return self._task
+
+    def __await__(self) -> Any:
+        return self._run_task().__await__()
+
+    async def _run(self) -> Any:
+        call = self._call
+        fault = call.fault()
+        if fault is not None:
+            try:
+                if fault.delay:
+                    await asyncio.sleep(fault.delay)
+                error = grpc_hook.fault_error(fault)
+                if error is not None:
+                    self._error = FailedAioCall(error.details(), error.code())._error()
+                    raise self._error
+            finally:
+                fault.done()
+        while True:
+            try:
+                pick, rpc = self._dispatch._attempt(call, self._request, self._kwargs)
+            except MeshError as exc:
+                self._error = FailedAioCall(str(exc))._error()
+                raise self._error from exc
+            self._last = rpc
+            error = None
+            try:
+                response = await rpc
+                outcome = _outcome(grpc.StatusCode.OK, "")
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+                outcome = _outcome(exc.code(), exc.details() or "")
+            except BaseException as exc:
+                pick.finished(grpc_hook.outcome_of(exc))
+                call.attempt_finished()
+                raise
+            pick.finished(outcome)
+            call.attempt_finished()
+            delay = call.retry_delay(outcome)
+            if delay is None:
+                if error is not None:
+                    self._error = error
+                    raise error
+                return response
+            await asyncio.sleep(delay)
+
+    async def _settled(self) -> None:
+        try:
+            await self._run_task()
+        except BaseException:
+            pass
+
+    async def code(self) -> grpc.StatusCode:
+        await self._settled()
+        if self._last is None:
+            return self._error.code() if isinstance(self._error, grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
+        return await self._last.code()
+
+    async def details(self) -> str:
+        await self._settled()
+        if self._last is None:
+            return self._error.details() if isinstance(self._error, grpc.aio.AioRpcError) else ""
+        return await self._last.details()
+
+    async def initial_metadata(self) -> Any:
+        await self._settled()
+        return await self._last.initial_metadata() if self._last is not None else grpc.aio.Metadata()
+
+    async def trailing_metadata(self) -> Any:
+        await self._settled()
+        return await self._last.trailing_metadata() if self._last is not None else grpc.aio.Metadata()
+
+    async def debug_error_string(self) -> str:
+        await self._settled()
+        return await self._last.debug_error_string() if self._last is not None else ""
+
+    async def wait_for_connection(self) -> None:
+        await self._settled()
+
+    def cancelled(self) -> bool:
+        return self._task is not None and self._task.cancelled()
+
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    def time_remaining(self) -> Optional[float]:
+        return self._last.time_remaining() if self._last is not None else None
+
+    def cancel(self) -> bool:
+        if self._last is not None:
+            self._last.cancel()
+        return self._run_task().cancel()
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._run_task().add_done_callback(lambda _: callback(self))
 
 
 class _UnaryUnary(_Dispatch, grpc.aio.UnaryUnaryMultiCallable):
@@ -246,12 +418,13 @@ class FailedAioCall:
     from it or iterating it raises ``AioRpcError(UNAVAILABLE)``, as a real call
     that failed to connect would."""
 
-    def __init__(self, details: str) -> None:
+    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         self._details = details
+        self._code = code
 
     def _error(self) -> grpc.aio.AioRpcError:
         empty = grpc.aio.Metadata()
-        return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, empty, empty, self._details, self._details)
+        return grpc.aio.AioRpcError(self._code, empty, empty, self._details, self._details)
 
     def __await__(self) -> Any:
         raise self._error()
@@ -276,7 +449,7 @@ class FailedAioCall:
         raise self._error()
 
     async def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
+        return self._code
 
     async def details(self) -> str:
         return self._details

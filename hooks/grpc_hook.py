@@ -145,8 +145,9 @@ class MeshChannel(grpc.Channel):
 
     # routing ---------------------------------------------------------------
 
-    def _route(self, method: str, metadata: Any) -> _Key:
-        """Where one call goes; raises the gRPC error for MeshError."""
+    def _start(self, method: str, metadata: Any) -> Any:
+        """The routed call for one RPC (None = not in the mesh); raises the gRPC
+        error for MeshError."""
         if is_suppressed():
             return None
         try:
@@ -154,14 +155,22 @@ class MeshChannel(grpc.Channel):
             if agent is None:
                 return None
             mesh = self._mesh
-            pick = agent.router.pick("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
+            return agent.router.start("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
         except MeshError as exc:
             raise MeshRpcError(str(exc)) from exc
         except Exception as exc:
             safety.internal_error("hooks.grpc.pick", exc)
             return None
-        if pick is None:
+
+    def _route(self, method: str, metadata: Any) -> _Key:
+        """Where a call would go (connectivity questions); no attempt is made."""
+        call = self._start(method, metadata)
+        if call is None:
             return None
+        try:
+            pick = call.next_pick()
+        except MeshError as exc:
+            raise MeshRpcError(str(exc)) from exc
         return (pick.address, pick.port)
 
     def _channel_for(self, key: _Key) -> Any:
@@ -240,9 +249,93 @@ class MeshChannel(grpc.Channel):
 # -- multicallables ------------------------------------------------------------
 
 
+_SIGNATURE = ("timeout", "metadata", "credentials", "wait_for_ready", "compression")
+
+
+def _call_kwargs(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """grpc's multicallable arguments after the request, as keywords."""
+    merged = dict(zip(_SIGNATURE, args))
+    merged.update(kwargs)
+    return merged
+
+
+def _bounded(timeout: Optional[float], limit: Optional[float]) -> Optional[float]:
+    if limit is None:
+        return timeout
+    return limit if timeout is None else min(timeout, limit)
+
+
+def outcome_of(error: Optional[BaseException]) -> Any:
+    """An attempt's Outcome from its gRPC error (None = OK)."""
+    from meshpatch.routing import outcome as oc
+
+    if error is None:
+        return oc.Outcome(oc.OK, grpc_status="OK")
+    code = getattr(error, "code", None)
+    try:
+        status = code() if callable(code) else None
+    except Exception:
+        status = None
+    name = getattr(status, "name", "UNKNOWN")
+    if name == "CANCELLED":
+        return oc.Outcome(oc.CANCELLED, grpc_status=name)
+    if name == "DEADLINE_EXCEEDED":
+        return oc.Outcome(oc.TIMEOUT, grpc_status=name)
+    if name == "UNAVAILABLE":
+        details = ""
+        try:
+            details = (error.details() or "").lower()  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        if "connect" in details or "refused" in details or "no route" in details:
+            return oc.Outcome(oc.CONNECT_FAILURE, grpc_status=name)
+    return oc.Outcome(oc.OK, grpc_status=name)
+
+
+# gRPC's HTTP-to-status mapping, for an HTTP fault abort on a gRPC route.
+_HTTP_TO_GRPC = {400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "UNIMPLEMENTED",
+                 429: "UNAVAILABLE", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "UNAVAILABLE"}
+
+
+def fault_error(fault: Any) -> Optional["MeshRpcError"]:
+    """The error a fault abort raises (None when the fault only delays)."""
+    if fault.abort_grpc is not None:
+        code = next((c for c in grpc.StatusCode if c.value[0] == fault.abort_grpc), grpc.StatusCode.UNKNOWN)
+        return MeshRpcError("fault filter abort", code)
+    if fault.abort_http is not None:
+        return MeshRpcError("fault filter abort", getattr(grpc.StatusCode, _HTTP_TO_GRPC.get(fault.abort_http, "UNKNOWN")))
+    return None
+
+
+def report_when_done(rpc: Any, pick: Any, call: Any) -> Any:
+    """For calls that return before they end (futures, streams): report the
+    outcome to the cluster when the RPC terminates."""
+
+    def done(*_: Any) -> None:
+        try:
+            error = None
+            code = rpc.code()
+            if code is not None and code != grpc.StatusCode.OK:
+                error = rpc
+            pick.finished(outcome_of(error))
+            call.attempt_finished()
+        except Exception as exc:
+            safety.internal_error("hooks.grpc.report", exc)
+
+    try:
+        if hasattr(rpc, "add_done_callback"):
+            rpc.add_done_callback(done)
+        elif not rpc.add_callback(done):
+            done()
+    except Exception as exc:
+        safety.internal_error("hooks.grpc.report", exc)
+    return rpc
+
+
 class _Dispatch:
-    """Per (channel, method): resolves each call to a real multicallable,
-    cached per endpoint so the hot path is one pick and one dict lookup."""
+    """Per (channel, method): routes each call and hands it to a real
+    multicallable, cached per endpoint so the hot path is one pick and one
+    dict lookup."""
 
     __slots__ = ("_channel", "_kind", "_method", "_args", "_kwargs", "_calls")
 
@@ -254,9 +347,7 @@ class _Dispatch:
         self._kwargs = kwargs
         self._calls: Dict[_Key, Any] = {}
 
-    def _target(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        metadata = kwargs.get("metadata") if "metadata" in kwargs else (args[2] if len(args) > 2 else None)
-        key = self._channel._route(self._method, metadata)
+    def _callable(self, key: _Key) -> Any:
         call = self._calls.get(key)
         if call is None:
             channel = self._channel._channel_for(key)
@@ -264,61 +355,138 @@ class _Dispatch:
             self._calls[key] = call
         return call
 
+    def _prepare(self, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
+        """(routed call or None, pick for a single attempt or None); applies faults."""
+        call = self._channel._start(self._method, kwargs.get("metadata"))
+        if call is None:
+            return None, None
+        fault = call.fault()
+        if fault is not None:
+            try:
+                if fault.delay:
+                    import time
+
+                    time.sleep(fault.delay)
+                error = fault_error(fault)
+                if error is not None:
+                    raise error
+            finally:
+                fault.done()
+        return call, None
+
+    def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+        try:
+            pick = call.next_pick()
+        except MeshError as exc:
+            raise MeshRpcError(str(exc)) from exc
+        limit = call.attempt_timeout()
+        if limit is not None:
+            kwargs = dict(kwargs)
+            kwargs["timeout"] = _bounded(kwargs.get("timeout"), limit)
+        return pick, kwargs
+
+    def _blocking(self, how: str, request: Any, kwargs: Dict[str, Any], retry: bool) -> Any:
+        """A blocking call: attempts with retries, as Envoy/gRPC A44 do."""
+        call, _ = self._prepare(kwargs)
+        if call is None:
+            target = self._callable(None)
+            return target(request, **kwargs) if how == "__call__" else getattr(target, how)(request, **kwargs)
+        if not retry:
+            call.retries = 1 << 30
+        while True:
+            pick, attempt_kwargs = self._pick(call, kwargs)
+            target = self._callable((pick.address, pick.port))
+            pick.started()
+            error = None
+            try:
+                result = target(request, **attempt_kwargs) if how == "__call__" else getattr(target, how)(request, **attempt_kwargs)
+            except grpc.RpcError as exc:
+                error = exc
+            except BaseException as exc:
+                pick.finished(outcome_of(exc))
+                call.attempt_finished()
+                raise
+            outcome = outcome_of(error)
+            pick.finished(outcome)
+            call.attempt_finished()
+            delay = call.retry_delay(outcome)
+            if delay is None:
+                if error is not None:
+                    raise error
+                return result
+            import time
+
+            time.sleep(delay)
+
+    def _started(self, request: Any, kwargs: Dict[str, Any], how: Optional[str]) -> Any:
+        """A call that returns before it ends (future, stream): one attempt,
+        outcome reported on termination."""
+        call, _ = self._prepare(kwargs)
+        if call is None:
+            target = self._callable(None)
+            return target(request, **kwargs) if how is None else getattr(target, how)(request, **kwargs)
+        pick, attempt_kwargs = self._pick(call, kwargs)
+        target = self._callable((pick.address, pick.port))
+        pick.started()
+        try:
+            rpc = target(request, **attempt_kwargs) if how is None else getattr(target, how)(request, **attempt_kwargs)
+        except BaseException as exc:
+            pick.finished(outcome_of(exc))
+            call.attempt_finished()
+            raise
+        return report_when_done(rpc, pick, call)
+
 
 class _UnaryUnary(_Dispatch, grpc.UnaryUnaryMultiCallable):
     __slots__ = ()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._target(args, kwargs)(*args, **kwargs)
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._blocking("__call__", request, _call_kwargs(args, kwargs), retry=True)
 
-    def with_call(self, *args: Any, **kwargs: Any) -> Any:
-        return self._target(args, kwargs).with_call(*args, **kwargs)
+    def with_call(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._blocking("with_call", request, _call_kwargs(args, kwargs), retry=True)
 
-    def future(self, *args: Any, **kwargs: Any) -> Any:
+    def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            target = self._target(args, kwargs)
+            return self._started(request, _call_kwargs(args, kwargs), "future")
         except MeshRpcError as error:
             return error
-        return target.future(*args, **kwargs)
 
 
 class _UnaryStream(_Dispatch, grpc.UnaryStreamMultiCallable):
     __slots__ = ()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            target = self._target(args, kwargs)
+            return self._started(request, _call_kwargs(args, kwargs), None)
         except MeshRpcError as error:
             return error
-        return target(*args, **kwargs)
 
 
 class _StreamUnary(_Dispatch, grpc.StreamUnaryMultiCallable):
     __slots__ = ()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._target(args, kwargs)(*args, **kwargs)
+    def __call__(self, request_iterator: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._blocking("__call__", request_iterator, _call_kwargs(args, kwargs), retry=False)
 
-    def with_call(self, *args: Any, **kwargs: Any) -> Any:
-        return self._target(args, kwargs).with_call(*args, **kwargs)
+    def with_call(self, request_iterator: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._blocking("with_call", request_iterator, _call_kwargs(args, kwargs), retry=False)
 
-    def future(self, *args: Any, **kwargs: Any) -> Any:
+    def future(self, request_iterator: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            target = self._target(args, kwargs)
+            return self._started(request_iterator, _call_kwargs(args, kwargs), "future")
         except MeshRpcError as error:
             return error
-        return target.future(*args, **kwargs)
 
 
 class _StreamStream(_Dispatch, grpc.StreamStreamMultiCallable):
     __slots__ = ()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, request_iterator: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            target = self._target(args, kwargs)
+            return self._started(request_iterator, _call_kwargs(args, kwargs), None)
         except MeshRpcError as error:
             return error
-        return target(*args, **kwargs)
 
 
 # -- the UNAVAILABLE error for MeshError ----------------------------------------
@@ -330,14 +498,15 @@ class MeshRpcError(grpc.RpcError, grpc.Call, grpc.Future):
     raised error, as a failed future and as a stream that fails on first read,
     like grpc's own ``_InactiveRpcError``."""
 
-    def __init__(self, details: str) -> None:
+    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         super().__init__(details)
         self._details = details
+        self._code = code
 
     def __str__(self) -> str:
         return (
             f"<{type(self).__name__} of RPC that terminated with:\n"
-            f"\tstatus = {grpc.StatusCode.UNAVAILABLE}\n"
+            f"\tstatus = {self._code}\n"
             f'\tdetails = "{self._details}"\n>'
         )
 
@@ -345,7 +514,7 @@ class MeshRpcError(grpc.RpcError, grpc.Call, grpc.Future):
 
     # grpc.Call / RpcContext
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
+        return self._code
 
     def details(self) -> str:
         return self._details

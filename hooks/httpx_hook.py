@@ -40,7 +40,7 @@ def patch(module: Any) -> str:
     return f"httpx {getattr(module, '__version__', '?')}: HTTPTransport and AsyncHTTPTransport routed"
 
 
-def _pick(request: Any) -> Optional[Any]:
+def _start(request: Any) -> Optional[Tuple[Any, Any]]:
     url = request.url
     scheme = url.scheme
     if scheme not in _SCHEMES:
@@ -52,38 +52,24 @@ def _pick(request: Any) -> Optional[Any]:
     if agent is None:
         return None
     path = url.raw_path.decode("ascii")
-    return agent.router.pick(scheme, host, url.port, request.method, path, request.headers)
+    call = agent.router.start(scheme, host, url.port, request.method, path, request.headers)
+    if call is None:
+        return None
+    return agent.router, call
 
 
-def _reroute(request: Any, pick: Any) -> Tuple[Any, bool]:
-    """Point the request at the endpoint; returns what :func:`_restore` needs."""
-    url = request.url
-    request.url = _endpoint_url(url, pick.address, pick.port)
-    added_sni = False
-    if url.scheme == "https":
-        extensions = request.extensions
-        if "sni_hostname" not in extensions:
-            extensions["sni_hostname"] = url.host
-            added_sni = True
-    return url, added_sni
-
-
-def _endpoint_url(url: Any, address: str, port: int) -> Any:
-    """``url`` with the endpoint's host/port.  ``URL.copy_with`` re-parses and
-    re-validates the whole URL (~12 us); the parsed form is a NamedTuple, so
-    swap the two fields directly when this httpx has that layout."""
+def _endpoint_url(url: Any, address: str, port: int, raw_path: Optional[bytes] = None) -> Any:
+    """``url`` with the endpoint's host/port (and a rewritten path).  ``URL.copy_with``
+    re-parses and re-validates the whole URL (~12 us); the parsed form is a
+    NamedTuple, so swap the fields directly when this httpx has that layout."""
     reference = getattr(url, "_uri_reference", None)
-    if reference is not None and hasattr(reference, "_replace") and address.replace(".", "").isdigit():
+    if raw_path is None and reference is not None and hasattr(reference, "_replace") and address.replace(".", "").isdigit():
         new = url.__class__.__new__(url.__class__)
         new._uri_reference = reference._replace(host=address, port=port)
         return new
+    if raw_path is not None:
+        return url.copy_with(host=address, port=port, raw_path=raw_path)
     return url.copy_with(host=address, port=port)
-
-
-def _restore(request: Any, url: Any, added_sni: bool) -> None:
-    request.url = url
-    if added_sni:
-        request.extensions.pop("sni_hostname", None)
 
 
 def _error(request: Any, exc: MeshError) -> Exception:
@@ -92,24 +78,199 @@ def _error(request: Any, exc: MeshError) -> Exception:
     return httpx.ConnectError(str(exc), request=request)
 
 
+def _local_response(request: Any, status: int, body: bytes = b"", headers: Optional[list] = None) -> Any:
+    import httpx
+
+    all_headers = list(headers or [])
+    if body:
+        all_headers.append(("content-type", "text/plain"))
+    return httpx.Response(status, headers=all_headers, content=body, request=request)
+
+
+def _outcome_from_error(exc: BaseException) -> Any:
+    import httpx
+
+    from meshpatch.routing import outcome as oc
+
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return oc.Outcome(oc.CONNECT_FAILURE)
+    if isinstance(exc, httpx.TimeoutException):
+        return oc.Outcome(oc.TIMEOUT)
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        return oc.Outcome(oc.RESET)
+    return oc.Outcome(oc.LOCAL)
+
+
+class _Plan:
+    """What stays the same across the attempts of one httpx request."""
+
+    __slots__ = ("call", "url", "raw_path", "tls_host", "saved_headers", "saved_extensions", "ops")
+
+    def __init__(self, request: Any, router: Any, call: Any) -> None:
+        from meshpatch.routing.call import apply_header_ops
+
+        self.call = call
+        self.url = request.url
+        rewritten = call.rewritten_path()
+        self.raw_path = rewritten.encode("ascii") if rewritten is not None else None
+        host_rewrite = call.policy.host_rewrite
+        self.tls_host = (host_rewrite or self.url.host) if self.url.scheme == "https" else None
+        self.saved_extensions = dict(request.extensions)
+        self.saved_headers = None
+        self.ops = call.header_ops()
+        if self.ops or host_rewrite:
+            self.saved_headers = request.headers.copy()
+            if self.ops:
+                apply_header_ops(request.headers, self.ops.request_add, self.ops.request_remove)
+            if host_rewrite:
+                request.headers["Host"] = host_rewrite
+        replayable = _replayable(request)
+        if call.policy.mirrors and replayable:
+            _mirror(router, call, request, self.raw_path)
+        if not replayable:
+            call.retries = 1 << 30  # a streamed body cannot be sent twice
+
+    def aim(self, request: Any, pick: Any) -> None:
+        request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path)
+        if self.tls_host is not None:
+            request.extensions["sni_hostname"] = self.tls_host
+        timeout = self.call.attempt_timeout()
+        if timeout is not None:
+            current = dict(request.extensions.get("timeout") or {})
+            for key in ("connect", "read", "write", "pool"):
+                value = current.get(key)
+                current[key] = timeout if value is None else min(value, timeout)
+            request.extensions["timeout"] = current
+
+    def restore(self, request: Any) -> None:
+        request.url = self.url
+        request.extensions = self.saved_extensions
+        if self.saved_headers is not None:
+            request.headers = self.saved_headers
+
+    def finish_response(self, response: Any) -> Any:
+        ops = self.ops
+        if ops and (ops.response_add or ops.response_remove):
+            from meshpatch.routing.call import apply_header_ops
+
+            try:
+                apply_header_ops(response.headers, ops.response_add, ops.response_remove)
+            except Exception as exc:
+                safety.internal_error("hooks.httpx.response_headers", exc)
+        return response
+
+
+def _replayable(request: Any) -> bool:
+    import httpx
+
+    return isinstance(request.stream, httpx.ByteStream)
+
+
+def _local_answer(request: Any, call: Any) -> Optional[Any]:
+    kind = call.kind
+    if kind == "direct":
+        return _local_response(request, call.policy.direct.status, call.policy.direct.body)
+    if kind == "redirect":
+        return _local_response(request, call.policy.redirect.code, b"", [("location", call.redirect_location())])
+    return None
+
+
+_mirror_transport: Any = None
+
+
+def _mirror(router: Any, call: Any, request: Any, raw_path: Optional[bytes]) -> None:
+    """Shadow copies on a plain sync transport in the background; never delays the real call."""
+    global _mirror_transport
+    import httpx
+
+    from meshpatch.routing import mirror
+
+    body = request.content
+    for pick in call.mirror_picks(router):
+        headers = request.headers.copy()
+        headers["Host"] = pick.authority
+        shadow = httpx.Request(request.method, _endpoint_url(request.url, pick.address, pick.port, raw_path),
+                               headers=headers, content=body)
+        if _mirror_transport is None:
+            _mirror_transport = httpx.HTTPTransport()
+        transport = _mirror_transport
+
+        def send(shadow: Any = shadow, pick: Any = pick) -> None:
+            from meshpatch.routing.outcome import OK, Outcome
+
+            pick.started()
+            try:
+                response = transport.handle_request(shadow)
+                response.read()
+                response.close()
+                pick.finished(Outcome(OK, response.status_code))
+            except BaseException as exc:
+                pick.finished(_outcome_from_error(exc))
+                raise
+
+        mirror.submit(send)
+
+
 def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
     if is_suppressed():
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
     try:
-        pick = _pick(request)
-        rerouted = _reroute(request, pick) if pick is not None else None
+        started = _start(request)
+        if started is None:
+            return wrapped(*args, **kwargs)
+        router, call = started
+        local = _local_answer(request, call)
+        if local is not None:
+            return local
+        fault = call.fault()
+        plan = _Plan(request, router, call)
     except MeshError as exc:
         raise _error(request, exc) from exc
     except Exception as exc:
         safety.internal_error("hooks.httpx.handle_request", exc)
         return wrapped(*args, **kwargs)
-    if rerouted is None:
-        return wrapped(*args, **kwargs)
+    import time as _time
+
+    from meshpatch.routing.outcome import OK, Outcome
+
+    if fault is not None:
+        try:
+            if fault.delay:
+                _time.sleep(fault.delay)
+            if fault.abort_http is not None:
+                plan.restore(request)
+                return _local_response(request, fault.abort_http, b"fault filter abort")
+        finally:
+            fault.done()
     try:
-        return wrapped(*args, **kwargs)
+        while True:
+            try:
+                pick = call.next_pick()
+            except MeshError as exc:
+                raise _error(request, exc) from exc
+            plan.aim(request, pick)
+            pick.started()
+            response = error = None
+            try:
+                response = wrapped(request, *args[1:], **kwargs)
+                outcome = Outcome(OK, response.status_code)
+            except BaseException as exc:
+                error = exc
+                outcome = _outcome_from_error(exc)
+            pick.finished(outcome)
+            call.attempt_finished()
+            delay = call.retry_delay(outcome)
+            if delay is None:
+                break
+            if response is not None:
+                response.close()
+            _time.sleep(delay)
     finally:
-        _restore(request, *rerouted)
+        plan.restore(request)
+    if error is not None:
+        raise error
+    return plan.finish_response(response)
 
 
 async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
@@ -117,16 +278,58 @@ async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ..
         return await wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
     try:
-        pick = _pick(request)
-        rerouted = _reroute(request, pick) if pick is not None else None
+        started = _start(request)
+        if started is None:
+            return await wrapped(*args, **kwargs)
+        router, call = started
+        local = _local_answer(request, call)
+        if local is not None:
+            return local
+        fault = call.fault()
+        plan = _Plan(request, router, call)
     except MeshError as exc:
         raise _error(request, exc) from exc
     except Exception as exc:
         safety.internal_error("hooks.httpx.handle_async_request", exc)
         return await wrapped(*args, **kwargs)
-    if rerouted is None:
-        return await wrapped(*args, **kwargs)
+    import asyncio
+
+    from meshpatch.routing.outcome import OK, Outcome
+
+    if fault is not None:
+        try:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.abort_http is not None:
+                plan.restore(request)
+                return _local_response(request, fault.abort_http, b"fault filter abort")
+        finally:
+            fault.done()
     try:
-        return await wrapped(*args, **kwargs)
+        while True:
+            try:
+                pick = call.next_pick()
+            except MeshError as exc:
+                raise _error(request, exc) from exc
+            plan.aim(request, pick)
+            pick.started()
+            response = error = None
+            try:
+                response = await wrapped(request, *args[1:], **kwargs)
+                outcome = Outcome(OK, response.status_code)
+            except BaseException as exc:
+                error = exc
+                outcome = _outcome_from_error(exc)
+            pick.finished(outcome)
+            call.attempt_finished()
+            delay = call.retry_delay(outcome)
+            if delay is None:
+                break
+            if response is not None:
+                await response.aclose()
+            await asyncio.sleep(delay)
     finally:
-        _restore(request, *rerouted)
+        plan.restore(request)
+    if error is not None:
+        raise error
+    return plan.finish_response(response)

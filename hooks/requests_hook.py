@@ -60,8 +60,8 @@ def patch(module: Any) -> str:
     return f"requests {version}: HTTPAdapter.send routed (http only: this requests has no pool-key hook for TLS names)"
 
 
-def _plan(request: Any, url: str) -> Optional[_Plan]:
-    """Ask the router about one prepared request; None = leave it alone."""
+def _split(url: str) -> Optional[Tuple[str, str, Optional[int], int]]:
+    """(scheme, host, port, index where the path starts) without urlparse."""
     scheme_end = url.find("://")
     if scheme_end < 0:
         return None
@@ -87,27 +87,70 @@ def _plan(request: Any, url: str) -> Optional[_Plan]:
         port = None
     if not host:
         return None
+    return scheme, host, port, path_start
+
+
+def _start(request: Any, url: str) -> Optional[Tuple[Any, Any, str, str, Optional[int], int]]:
+    """Ask the router about one prepared request; None = leave it alone."""
+    parts = _split(url)
+    if parts is None:
+        return None
+    scheme, host, port, path_start = parts
     if scheme == "https" and not _TLS_SUPPORTED:
         return None
     agent = current_agent()
     if agent is None:
         return None
-    tail = url[path_start:]
-    path = tail or "/"
+    path = url[path_start:] or "/"
     fragment = path.find("#")
     if fragment >= 0:
         path = path[:fragment]
-    pick = agent.router.pick(scheme, host, port, request.method or "GET", path, request.headers)
-    if pick is None:
+    call = agent.router.start(scheme, host, port, request.method or "GET", path, request.headers)
+    if call is None:
         return None
-    address = pick.address
-    if ":" in address:
-        address = f"[{address}]"
-    endpoint_url = f"{scheme}://{address}:{pick.port}{tail}"
-    add_host = None
-    if "Host" not in request.headers:
-        add_host = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
-    return endpoint_url, add_host, (host if scheme == "https" else None)
+    return agent.router, call, scheme, host, port, path_start
+
+
+def _local_response(request: Any, url: str, status: int, body: bytes = b"", headers: Optional[dict] = None) -> Any:
+    """A response made here (direct response, redirect, fault abort), shaped like
+    one from the network so Session.send, redirects and the app handle it as usual."""
+    import io
+    from http.client import responses
+
+    from requests.models import Response
+    from requests.structures import CaseInsensitiveDict
+
+    response = Response()
+    response.status_code = status
+    response.reason = responses.get(status, "")
+    response.headers = CaseInsensitiveDict(headers or {})
+    response.headers.setdefault("content-length", str(len(body)))
+    if body:
+        response.headers.setdefault("content-type", "text/plain")
+    response._content = body
+    response._content_consumed = True
+    response.raw = io.BytesIO(body)
+    response.url = url
+    response.request = request
+    response.encoding = None
+    return response
+
+
+def _outcome_from_error(exc: BaseException) -> Any:
+    from requests import exceptions as rex
+
+    from meshpatch.routing import outcome as oc
+
+    if isinstance(exc, rex.ConnectTimeout):
+        return oc.Outcome(oc.CONNECT_FAILURE)
+    if isinstance(exc, rex.Timeout):
+        return oc.Outcome(oc.TIMEOUT)
+    if isinstance(exc, rex.ConnectionError):
+        text = repr(exc)
+        if "NewConnectionError" in text or "Connection refused" in text or "Failed to establish" in text:
+            return oc.Outcome(oc.CONNECT_FAILURE)
+        return oc.Outcome(oc.RESET)
+    return oc.Outcome(oc.LOCAL)
 
 
 def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
@@ -116,7 +159,7 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
     request = args[0] if args else kwargs.get("request")
     try:
         url = request.url
-        plan = _plan(request, url)
+        started = _start(request, url)
     except MeshError as exc:
         from requests.exceptions import ConnectionError
 
@@ -124,32 +167,151 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
     except Exception as exc:
         safety.internal_error("hooks.requests.send", exc)
         return wrapped(*args, **kwargs)
-    if plan is None:
+    if started is None:
         return wrapped(*args, **kwargs)
-
-    endpoint_url, add_host, tls_host = plan
-    headers = request.headers
-    request.url = endpoint_url
-    if add_host is not None:
-        headers["Host"] = add_host
-    if tls_host is not None:
-        setattr(request, TLS_HOST_ATTR, tls_host)
+    router, call, scheme, host, port, path_start = started
+    kind = call.kind
+    if kind == "direct":
+        return _local_response(request, url, call.policy.direct.status, call.policy.direct.body)
+    if kind == "redirect":
+        return _local_response(request, url, call.policy.redirect.code, b"", {"location": call.redirect_location()})
     try:
-        response = wrapped(*args, **kwargs)
+        return _forward(wrapped, args, kwargs, request, url, router, call, scheme, host, port, path_start)
+    except MeshError as exc:  # raised before an attempt is sent (no endpoint, circuit open)
+        from requests.exceptions import ConnectionError
+
+        raise ConnectionError(str(exc), request=request) from exc
+
+
+def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url: str, router: Any, call: Any,
+             scheme: str, host: str, port: Optional[int], path_start: int) -> Any:
+    import time as _time
+
+    from meshpatch.routing.call import apply_header_ops
+    from meshpatch.routing.outcome import Outcome, OK
+
+    fault = call.fault()
+    if fault is not None:
+        try:
+            if fault.delay:
+                _time.sleep(fault.delay)
+            if fault.abort_http is not None:
+                return _local_response(request, url, fault.abort_http, b"fault filter abort")
+        finally:
+            fault.done()
+    headers = request.headers
+    saved_headers = None
+    ops = call.header_ops()
+    if ops:
+        saved_headers = headers.copy()
+        apply_header_ops(headers, ops.request_add, ops.request_remove)
+    authority = call.policy.host_rewrite or (host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}")
+    add_host = "Host" not in headers or call.policy.host_rewrite is not None
+    if add_host:
+        previous_host = headers.get("Host")
+        headers["Host"] = authority
+    tail = call.rewritten_path() or url[path_start:]
+    tls_host = (call.policy.host_rewrite or host) if scheme == "https" else None
+    replayable = request.body is None or isinstance(request.body, (bytes, str))
+    if call.policy.mirrors and replayable:
+        _mirror(router, call, request, scheme, tail)
+    if not replayable:
+        call.retries = 1 << 30  # a streamed body cannot be sent twice
+    send_kwargs = kwargs
+    response = None
+    error: Optional[BaseException] = None
+    try:
+        while True:
+            pick = call.next_pick()
+            attempt_timeout = call.attempt_timeout()
+            if attempt_timeout is not None:
+                send_kwargs = dict(kwargs)
+                send_kwargs["timeout"] = _bounded_timeout(kwargs.get("timeout"), attempt_timeout)
+            address = f"[{pick.address}]" if ":" in pick.address else pick.address
+            request.url = f"{scheme}://{address}:{pick.port}{tail}"
+            if tls_host is not None:
+                setattr(request, TLS_HOST_ATTR, tls_host)
+            pick.started()
+            response = error = None
+            try:
+                response = wrapped(request, *args[1:], **send_kwargs)
+                outcome = Outcome(OK, response.status_code)
+            except BaseException as exc:  # classified, reported, then re-raised below
+                error = exc
+                outcome = _outcome_from_error(exc)
+            pick.finished(outcome)
+            call.attempt_finished()
+            delay = call.retry_delay(outcome)
+            if delay is None:
+                break
+            if response is not None:
+                response.close()
+            _time.sleep(delay)
     finally:
         request.url = url
-        if add_host is not None:
-            headers.pop("Host", None)
         if tls_host is not None:
             try:
                 delattr(request, TLS_HOST_ATTR)
             except AttributeError:
                 pass
+        if saved_headers is not None:
+            request.headers = saved_headers
+        elif add_host:
+            if previous_host is None:
+                headers.pop("Host", None)
+            else:
+                headers["Host"] = previous_host
+    if error is not None:
+        raise error
     try:
         response.url = url
+        if ops and (ops.response_add or ops.response_remove):
+            apply_header_ops(response.headers, ops.response_add, ops.response_remove)
     except Exception as exc:  # an adapter subclass returning something odd
-        safety.internal_error("hooks.requests.response_url", exc)
+        safety.internal_error("hooks.requests.response", exc)
     return response
+
+
+def _bounded_timeout(app_timeout: Any, limit: float) -> Any:
+    if app_timeout is None:
+        return limit
+    if isinstance(app_timeout, tuple):
+        return tuple(limit if t is None else min(t, limit) for t in app_timeout)
+    return min(app_timeout, limit)
+
+
+_mirror_adapter: Any = None
+
+
+def _mirror(router: Any, call: Any, request: Any, scheme: str, tail: str) -> None:
+    """Shadow copies to the mirror clusters; never delays or fails the real call."""
+    global _mirror_adapter
+    from meshpatch.routing import mirror
+
+    for pick in call.mirror_picks(router):
+        shadow = request.copy()
+        address = f"[{pick.address}]" if ":" in pick.address else pick.address
+        shadow.url = f"{scheme}://{address}:{pick.port}{tail}"
+        shadow.headers["Host"] = pick.authority
+        if _mirror_adapter is None:
+            from requests.adapters import HTTPAdapter
+
+            _mirror_adapter = HTTPAdapter()
+        adapter = _mirror_adapter
+
+        def send(shadow: Any = shadow, pick: Any = pick) -> None:
+            from meshpatch.routing.outcome import Outcome, OK
+
+            pick.started()
+            try:
+                response = adapter.send(shadow, timeout=5)
+                pick.finished(Outcome(OK, response.status_code))
+                response.close()
+            except BaseException as exc:
+                pick.finished(_outcome_from_error(exc))
+                raise
+
+        mirror.submit(send)
 
 
 def _pool_key_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:

@@ -513,6 +513,7 @@ def boom(*args, **kwargs):
     raise RuntimeError("router bug")
 
 get_agent().router.pick = boom
+get_agent().router.start = boom
 H = "http://127.0.0.2:%d" % cfg["pods"]["v1"]["http"]
 out = {
     "requests": [requests.get(H + "/a").json()["server"], requests.get(H + "/b").json()["server"]],

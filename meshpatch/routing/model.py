@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
+from meshpatch.routing.cluster_policy import DEFAULT_CIRCUIT_BREAKERS, DEFAULT_LB, CircuitBreakers, LbConfig, OutlierConfig
 from meshpatch.routing.matchers import HeaderMatcher, PathMatcher
+from meshpatch.routing.route_policy import NO_POLICY, RoutePolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +25,9 @@ class ClusterWeight:
 class RouteAction:
     """Where a matched request goes: one cluster or a weighted set.
 
-    ``kind`` is ``cluster``, ``weighted`` or ``non_forwarding`` (server-side
-    inbound listeners).  ``timeout``/``max_stream_duration`` are seconds, 0 = none.
+    ``kind`` is ``cluster``, ``weighted``, ``redirect`` / ``direct`` (answered
+    locally, HTTP only) or ``non_forwarding`` (server-side inbound listeners).
+    ``timeout``/``max_stream_duration`` are seconds, 0 = none.
     """
 
     kind: str
@@ -47,6 +50,7 @@ class Route:
     name: str
     match: RouteMatch
     action: RouteAction
+    policy: RoutePolicy = NO_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +78,15 @@ class ListenerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
+    """``lb_policy`` names the policy (``lb.policy``); ``outlier`` is None when the
+    cluster carries no outlier_detection (meshpatch's default then applies)."""
+
     name: str
     eds_service_name: str
     lb_policy: str = "ROUND_ROBIN"
+    lb: LbConfig = DEFAULT_LB
+    circuit_breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS
+    outlier: Optional[OutlierConfig] = None
 
 
 HEALTHY_STATES = frozenset({0, 1})  # UNKNOWN, HEALTHY: the only ones gRPC sends to

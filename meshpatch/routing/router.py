@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from meshpatch.api import CircuitBreakerOpen, NoHealthyUpstream, NoRouteMatched, Pick
+from meshpatch.api import CircuitBreakerOpen, NoRouteMatched, Pick
+from meshpatch.routing.call import Call
 from meshpatch.routing.target import NOT_FOUND, ClusterManager, HostTarget
 
 log = logging.getLogger("meshpatch.routing")
@@ -76,6 +78,65 @@ class _RequestHeaders:
         return value if isinstance(value, str) else str(value)
 
 
+def _query_params(path: str) -> Dict[str, Tuple[str, ...]]:
+    from urllib.parse import parse_qsl
+
+    params: Dict[str, List[str]] = {}
+    query = path.split("?", 1)[1] if "?" in path else ""
+    for name, value in parse_qsl(query.split("#", 1)[0], keep_blank_values=True):
+        params.setdefault(name, []).append(value)
+    return {name: tuple(values) for name, values in params.items()}
+
+
+def _hash_value(policy: Any, headers: Any, scheme: str, method: str, path: str, authority: str, source_ip: str) -> Optional[str]:
+    kind = policy.kind
+    if kind == "header":
+        value = _RequestHeaders(headers, scheme, method, path.split("?", 1)[0], authority).get(policy.name)
+        if value is not None and policy.regex is not None:
+            value = policy.regex.sub(policy.substitution, value)
+        return value
+    if kind == "cookie":
+        if scheme == "grpc" or headers is None:
+            return None
+        raw = headers.get("cookie")
+        if not raw:
+            return None
+        for part in str(raw).split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == policy.name:
+                return value
+        return None
+    if kind == "query":
+        if scheme == "grpc":
+            return None
+        values = _query_params(path).get(policy.name)
+        return values[0] if values else None
+    if kind == "source_ip":
+        return source_ip
+    return None
+
+
+def _request_hash(policies: Any, headers: Any, scheme: str, method: str, path: str, authority: str, source_ip: str) -> Optional[int]:
+    """Envoy's hash-policy evaluation: XXH64 of each value, combined by
+    rotate-left-1 then XOR, stopping after a terminal policy that produced a hash.
+    None (no policy matched) means "random" to the hashing load balancers."""
+    import xxhash
+
+    result: Optional[int] = None
+    for policy in policies:
+        value = _hash_value(policy, headers, scheme, method, path, authority, source_ip)
+        if value is None:
+            continue
+        new = xxhash.xxh64_intdigest(value.encode() if isinstance(value, str) else value)
+        if result is None:
+            result = new
+        else:
+            result = (((result << 1) | (result >> 63)) & 0xFFFFFFFFFFFFFFFF) ^ new
+        if policy.terminal:
+            break
+    return result
+
+
 class Router:
     def __init__(self, client: Any, resolve_timeout: float, ensure_started: Callable[[], None]) -> None:
         self._client = client
@@ -85,10 +146,24 @@ class Router:
         self._create_lock = threading.Lock()
         self.clusters = ClusterManager(client)
         self.started = False
+        # "source IP" for hash policies: this workload's own address, the
+        # downstream address a sidecar would see for the app's requests.
+        self.source_ip = (os.environ.get("INSTANCE_IP") or os.environ.get("POD_IP") or "127.0.0.1").strip()
 
     # -- public API ---------------------------------------------------------
 
     def pick(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Pick]:
+        """Route one call and choose its first endpoint (no retries): the simple
+        form of :meth:`start` for callers that make exactly one attempt."""
+        call = self.start(scheme, host, port, method, path, headers)
+        if call is None:
+            return None
+        if call.handle is None:  # redirect / direct response: nothing to connect to
+            raise NoRouteMatched(host, call.port, path)
+        return call.next_pick()
+
+    def start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Call]:
+        """Match the call's route; None = not in the mesh (make the original call)."""
         if port is None:
             port = DEFAULT_PORTS.get(scheme, 80)
         target = self._targets.get((host, port))
@@ -101,33 +176,42 @@ class Router:
             snapshot = target.snapshot
         if snapshot is NOT_FOUND or snapshot is None:
             return None
-        if "?" in path:
-            path = path.split("?", 1)[0]
+        match_path = path.split("?", 1)[0] if "?" in path else path
         lookup = None
+        query = None
         table = snapshot.table
         indexed = table.indexed
-        for route in table.candidates(path) if indexed else snapshot.routes:
-            if not indexed and not route.path.matches(path):
+        for route in table.candidates(match_path) if indexed else snapshot.routes:
+            if not indexed and not route.path.matches(match_path):
                 continue
             if route.headers:
                 if lookup is None:
-                    lookup = _RequestHeaders(headers, scheme, method, path, target.authority)
+                    lookup = _RequestHeaders(headers, scheme, method, match_path, target.authority)
                 if not all(m.matches(lookup.get(m.name)) for m in route.headers):
+                    continue
+            if route.query:
+                if scheme == "grpc":
+                    continue  # gRPC (A28): routes with query matchers never match
+                if query is None:
+                    query = _query_params(path)
+                if not all(q.matches(query.get(q.name, ())) for q in route.query):
                     continue
             if route.fraction is not None and random.random() >= route.fraction:
                 continue
             chooser = route.chooser
-            if chooser is None:  # non-forwarding action: not a client route
-                raise NoRouteMatched(host, port, path)
+            if chooser is None:
+                if route.action.kind in ("redirect", "direct") and scheme != "grpc":
+                    return Call(scheme, host, port, method, path, headers, target.authority, route.route, None, None)
+                raise NoRouteMatched(host, port, path)  # non-forwarding (server) route, or redirect for gRPC
             handle = chooser.choose()
             refused = handle.admit_request()
             if refused is not None:
                 raise CircuitBreakerOpen(handle.name, refused)
-            endpoint = handle.picker.pick()
-            if endpoint is None:
-                raise NoHealthyUpstream(host, port, handle.name, getattr(handle.picker, "reason", ""))
-            return Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, target.authority, route.name,
-                        endpoint, handle)
+            request_hash = None
+            if route.hash_policies:
+                request_hash = _request_hash(route.hash_policies, headers, scheme, method, path, target.authority,
+                                             self.source_ip)
+            return Call(scheme, host, port, method, path, headers, target.authority, route.route, handle, request_hash)
         raise NoRouteMatched(host, port, path)
 
     def prefetch(self, host: str, port: Optional[int], scheme: str = "http") -> None:

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
+import os
 import random
 import threading
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from meshpatch.routing.domains import select_virtual_host
-from meshpatch.routing.lb import EmptyPicker, Picker, build_picker
+from meshpatch.routing.cluster_policy import DEFAULT_CIRCUIT_BREAKERS, DEFAULT_LB, CircuitBreakers, default_outlier
+from meshpatch.routing.lb import ClusterView, EmptyPicker, Picker, Timed, build_picker
 from meshpatch.routing.model import ClusterConfig, EndpointsConfig, ListenerConfig, Route, RouteConfig
+from meshpatch.routing.outlier import EndpointState, OutlierTracker
 from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS
 
 log = logging.getLogger("meshpatch.routing")
@@ -38,9 +43,19 @@ class ClusterHandle:
     cluster can keep per-endpoint state — in-flight requests for least-request and
     circuit breaking, results for outlier detection — keyed by ``(address, port)``
     so it survives EDS updates that rebuild the endpoint objects.
+
+    The request path only reads ``picker`` (an immutable object swapped by
+    assignment) and ``in_flight``; every state change happens under ``_lock``
+    (bookkeeping, never taken by a pick) and ends with a new picker when the
+    usable endpoint set or their weights changed.
     """
 
-    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight", "__weakref__")
+    __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight",
+                 "retries_active", "endpoints", "states", "tracker", "_lock", "_cache", "_breakers", "_seed",
+                 "_outlier_source", "_inner", "_slow_due", "__weakref__")
+
+    # Slow-start ramps are stepped this often (a fraction of the window, at most 1 s apart).
+    SLOW_START_STEPS = 50
 
     def __init__(self, name: str, client: Any) -> None:
         self.name = name
@@ -51,32 +66,96 @@ class ClusterHandle:
         self.users: List["HostTarget"] = []
         self._client = client
         self.in_flight = 0
+        self.retries_active = 0
+        self.endpoints: Optional[EndpointsConfig] = None
+        self.states: Dict[Tuple[str, int], EndpointState] = {}
+        self.tracker: Optional[OutlierTracker] = None
+        self._lock = threading.Lock()
+        self._cache: Dict[Any, Any] = {}
+        self._breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS
+        self._seed = random.getrandbits(32)
+        self._outlier_source: Any = None
+        self._inner: Picker = self.picker
+        self._slow_due = math.inf
+        _HANDLES.add(self)
 
-    # per-attempt reporting (called by hooks, from any thread; no lock: int
-    # updates of one attribute are atomic enough for accounting under the GIL)
+    # per-attempt reporting (called by hooks, from any thread)
     def on_attempt_start(self, endpoint: Any) -> None:
-        self.in_flight += 1
+        with self._lock:
+            self.in_flight += 1
+            if endpoint is not None:
+                state = self.states.get((endpoint.address, endpoint.port))
+                if state is not None:
+                    state.active += 1
 
     def on_attempt_end(self, endpoint: Any, outcome: Any) -> None:
-        self.in_flight -= 1
+        now = time.monotonic()
+        with self._lock:
+            if self.in_flight > 0:
+                self.in_flight -= 1
+            tracker = self.tracker
+            changed = False
+            if endpoint is not None:
+                state = self.states.get((endpoint.address, endpoint.port))
+                if state is not None:
+                    if state.active > 0:
+                        state.active -= 1
+                    if tracker is not None and outcome is not None:
+                        changed = tracker.on_result(state, outcome, self.states, now)
+            if tracker is not None and now >= tracker.next_tick:
+                if tracker.tick(self.states, now) or changed:
+                    self._rebuild_locked(now)
+                elif tracker.ejected:
+                    self._publish_locked()  # same picker, next interval's deadline
+            elif changed:
+                self._rebuild_locked(now)
 
     # circuit breaking (thresholds from CDS circuit_breakers); the router calls
     # admit_request before picking, the retry logic admit_retry before a retry
     # and retry_finished when that retry's attempt ended.
-    def admit_request(self) -> Optional[str]:
-        """None to admit, else the name of the limit that refuses the call."""
+    def admit_request(self, multiplexed: bool = False) -> Optional[str]:
+        """None to admit, else the name of the limit that refuses the call.
+
+        ``multiplexed`` is True for gRPC (HTTP/2): calls share connections, so
+        only ``max_requests`` applies; HTTP/1.1 calls beyond ``max_connections``
+        count as pending (see :class:`CircuitBreakers`).  Read without a lock: a
+        burst of concurrent admissions may overshoot by the number of threads,
+        as Envoy's per-worker checks may.
+        """
+        breakers = self._breakers
+        active = self.in_flight
+        if active >= breakers.max_requests:
+            return "max_requests"
+        if not multiplexed and active >= breakers.max_connections + breakers.max_pending_requests:
+            return "max_pending_requests"
         return None
 
     def admit_retry(self) -> Optional[str]:
-        return None
+        breakers = self._breakers
+        with self._lock:
+            if breakers.budget_percent is not None:
+                limit = max(breakers.min_retry_concurrency, int(breakers.budget_percent * self.in_flight / 100.0))
+            else:
+                limit = breakers.max_retries
+            if self.retries_active >= limit:
+                return "max_retries"
+            self.retries_active += 1
+            return None
 
     def retry_finished(self) -> None:
-        pass
+        with self._lock:
+            if self.retries_active > 0:
+                self.retries_active -= 1
 
     # xDS watcher protocol
     def on_resource(self, type_url: str, name: str, value: Any) -> None:
         if type_url == CDS:
-            self.config = value
+            with self._lock:
+                self.config = value
+                self._breakers = value.circuit_breakers
+                self._configure_outlier_locked(time.monotonic())
+                if self.endpoints is not None:
+                    self._rebuild_locked(time.monotonic())
             if value.eds_service_name != self.eds_name:
                 if self.eds_name is not None:
                     self._client.cancel_watch(EDS, self.eds_name, self)
@@ -91,7 +170,9 @@ class ClusterHandle:
             if self.eds_name is not None:
                 self._client.cancel_watch(EDS, self.eds_name, self)
                 self.eds_name = None
-            self.picker = EmptyPicker("cluster does not exist")
+            with self._lock:
+                self.endpoints = None  # a re-added cluster waits for fresh EDS
+                self._inner = self.picker = EmptyPicker("cluster does not exist")
             self.state = MISSING
             self._changed()
 
@@ -104,9 +185,92 @@ class ClusterHandle:
             self._changed()
 
     def _set_endpoints(self, endpoints: EndpointsConfig) -> None:
-        self.picker = build_picker(endpoints)
+        now = time.monotonic()
+        with self._lock:
+            self.endpoints = endpoints
+            old = self.states
+            states: Dict[Tuple[str, int], EndpointState] = {}
+            for locality in endpoints.localities:
+                for endpoint in locality.endpoints:
+                    key = (endpoint.address, endpoint.port)
+                    states[key] = old.get(key) or EndpointState(key, now)
+            if self.tracker is not None:
+                self.tracker.forget([key for key in old if key not in states])
+            self.states = states
+            if self.tracker is None and self._outlier_source is None:
+                self._configure_outlier_locked(now)
+            self._rebuild_locked(now)
         self.state = RESOLVED
         self._changed()
+
+    def _configure_outlier_locked(self, now: float) -> None:
+        """The cluster's outlier_detection, else meshpatch's default (env / built-in);
+        a changed config starts a fresh detector, as Envoy rebuilds a changed cluster."""
+        config = self.config.outlier if self.config is not None else None
+        if config is None:
+            config = default_outlier()
+        if config == self._outlier_source and (config is None or self.tracker is not None):
+            return
+        self._outlier_source = config
+        if self.tracker is not None:
+            for key in self.tracker.ejected:
+                state = self.states.get(key)
+                if state is not None:
+                    state.ejected_at = None
+        self.tracker = OutlierTracker(config, now) if config is not None else None
+
+    def _rebuild_locked(self, now: float) -> None:
+        """A new immutable picker from endpoints + state (ejections, slow-start weights)."""
+        lb = self.config.lb if self.config is not None else DEFAULT_LB
+        tracker = self.tracker
+        ejected = frozenset(tracker.ejected) if tracker is not None else frozenset()
+        view = ClusterView(self.states, ejected, now, self._cache, self._seed)
+        self._inner = build_picker(self.endpoints, lb, view)
+        self._cache = view.used
+        self._slow_due = math.inf
+        if view.slow_start_active and lb.slow_start is not None:
+            self._slow_due = now + min(1.0, lb.slow_start.window / self.SLOW_START_STEPS)
+        self._publish_locked()
+
+    def _publish_locked(self) -> None:
+        """Swap in the picker, wrapped with a deadline when an outlier interval (with
+        endpoints ejected) or a slow-start step will change it later."""
+        deadline = self._slow_due
+        tracker = self.tracker
+        if tracker is not None and tracker.ejected:
+            deadline = min(deadline, tracker.next_tick)
+        inner = self._inner
+        self.picker = Timed(inner, deadline, self._refresh) if deadline < math.inf else inner
+
+    def _refresh(self) -> Picker:
+        """Called by a :class:`Timed` picker past its deadline, from a pick: run the
+        outlier interval if due, then rebuild only if something changed.  Never
+        waits for the lock (another thread is already refreshing)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                now = time.monotonic()
+                tracker = self.tracker
+                changed = tracker is not None and now >= tracker.next_tick and tracker.tick(self.states, now)
+                if changed or now >= self._slow_due:
+                    self._rebuild_locked(now)
+                else:
+                    self._publish_locked()
+            finally:
+                self._lock.release()
+        return self.picker
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's attempts do not exist in a forked child, and its lock may have
+        been held by a thread that does not either."""
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.retries_active = 0
+        for state in self.states.values():
+            state.active = 0
+
+    def endpoint_state(self, address: str, port: int) -> Optional[EndpointState]:
+        """Diagnostics/tests: the tracked state of one endpoint."""
+        return self.states.get((address, port))
 
     def _changed(self) -> None:
         for target in list(self.users):
@@ -117,6 +281,18 @@ class ClusterHandle:
             self._client.cancel_watch(EDS, self.eds_name, self)
             self.eds_name = None
         self._client.cancel_watch(CDS, self.name, self)
+
+
+_HANDLES: "weakref.WeakSet[ClusterHandle]" = weakref.WeakSet()
+
+
+def _reset_handles_after_fork() -> None:
+    for handle in list(_HANDLES):
+        handle._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_handles_after_fork)
 
 
 class ClusterManager:
@@ -177,15 +353,18 @@ class ClusterChooser:
 
 
 class CompiledRoute:
-    __slots__ = ("name", "path", "headers", "fraction", "chooser", "action")
+    __slots__ = ("name", "path", "headers", "query", "fraction", "chooser", "action", "hash_policies", "route")
 
     def __init__(self, route: Route, chooser: Optional[ClusterChooser]) -> None:
         self.name = route.name
         self.path = route.match.path
         self.headers = route.match.headers
+        self.query = route.policy.query
         self.fraction = route.match.fraction
         self.chooser = chooser
         self.action = route.action
+        self.hash_policies = route.policy.hash_policies
+        self.route = route
 
 
 class RouteTable:
@@ -331,6 +510,7 @@ class HostTarget:
                 names.append(action.cluster)
             elif action.kind == "weighted":
                 names.extend(w.name for w in action.weighted)
+            names.extend(m.cluster for m in route.policy.mirrors)
         self._set_clusters(list(dict.fromkeys(names)))
         self._pending_routes = routes
         self._pending_vhost = vhost.name if vhost is not None else ""

@@ -35,6 +35,7 @@ from meshpatch.routing.model import (
     RouteMatch,
     VirtualHost,
 )
+from meshpatch.xds.decode_policy import route_policy
 from meshpatch.xds.type_urls import CDS, EDS, HCM_TYPE, LDS, RDS, RESOURCE_WRAPPER
 
 MAX_ITEMS = 100_000  # guards against hostile resources with absurd list sizes
@@ -127,7 +128,7 @@ def _route_config(config: Any, name: str) -> RouteConfig:
         _check_count(name, "routes", vh.routes)
         routes = []
         for index, route in enumerate(vh.routes):
-            decoded = _route(route, name, vh.name, index)
+            decoded = _route(route, name, vh, index)
             if decoded is not None:
                 routes.append(decoded)
         vhosts.append(VirtualHost(vh.name, tuple(d.lower() for d in vh.domains), tuple(routes)))
@@ -137,7 +138,8 @@ def _route_config(config: Any, name: str) -> RouteConfig:
 _DENOMINATORS = {0: 100.0, 1: 10_000.0, 2: 1_000_000.0}
 
 
-def _route(route: Any, config_name: str, vhost: str, index: int):
+def _route(route: Any, config_name: str, vhost_proto: Any, index: int):
+    vhost = vhost_proto.name
     where = f"route {route.name or index} of virtual host {vhost!r}"
     match = route.match
     try:
@@ -146,8 +148,6 @@ def _route(route: Any, config_name: str, vhost: str, index: int):
         raise ResourceError(config_name, f"{where}: {exc}") from None
     if path is None:
         return None  # unsupported path specifier (connect_matcher, path_match_policy): gRPC skips the route
-    if len(match.query_parameters):
-        return None  # gRPC (A28) ignores routes with query parameter matchers
     headers = []
     for hm in match.headers:
         try:
@@ -168,9 +168,17 @@ def _route(route: Any, config_name: str, vhost: str, index: int):
         action = _route_action(route.route, config_name, where)
         if action is None:
             return None
+    elif action_kind == "redirect":
+        action = RouteAction("redirect")
+    elif action_kind == "direct_response":
+        action = RouteAction("direct")
     else:
-        return None  # redirect / direct_response: gRPC ignores the route (issue 3 adds them for HTTP)
-    return Route(route.name, RouteMatch(path, tuple(headers), fraction), action)
+        return None  # filter_action etc.: skipped, as gRPC does
+    try:
+        policy = route_policy(route, vhost_proto)
+    except ValueError as exc:
+        raise ResourceError(config_name, f"{where}: {exc}") from None
+    return Route(route.name, RouteMatch(path, tuple(headers), fraction), action, policy)
 
 
 def _path_matcher(match: Any):
@@ -257,11 +265,9 @@ def _route_action(action: Any, config_name: str, where: str):
 
 # --- CDS -------------------------------------------------------------------
 
-_LB_NAMES = {v: k for k, v in cluster_pb2.Cluster.LbPolicy.items()}
-SUPPORTED_LB = {"ROUND_ROBIN"}
-
-
 def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
+    from meshpatch.xds import decode_lb as policy  # local: keeps this file's import block untouched
+
     cluster = _unpack(any_msg, cluster_pb2.Cluster(), CDS)
     name = cluster.name
     if not name:
@@ -273,12 +279,15 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
     eds = cluster.eds_cluster_config
     if eds.eds_config.WhichOneof("config_source_specifier") not in ("ads", "self"):
         raise ResourceError(name, "eds_config must be ads (only ADS is supported)")
-    lb = _LB_NAMES.get(cluster.lb_policy, str(cluster.lb_policy))
-    if lb not in SUPPORTED_LB:
-        raise ResourceError(name, f"lb_policy {lb} not supported by this meshpatch version (supported: ROUND_ROBIN)")
     if cluster.HasField("transport_socket") and cluster.transport_socket.name not in ("", "envoy.transport_sockets.raw_buffer"):
         raise ResourceError(name, f"transport_socket {cluster.transport_socket.name!r} (TLS) not supported yet; refusing rather than sending plaintext")
-    return name, ClusterConfig(name, eds.service_name or name, lb)
+    try:
+        lb = policy.lb_config(cluster)
+        breakers = policy.circuit_breakers(cluster)
+        outlier = policy.outlier_detection(cluster)
+    except ValueError as exc:
+        raise ResourceError(name, str(exc)) from None
+    return name, ClusterConfig(name, eds.service_name or name, lb.policy, lb, breakers, outlier)
 
 
 # --- EDS -------------------------------------------------------------------
@@ -291,6 +300,7 @@ def decode_endpoints(any_msg: any_pb2.Any) -> Tuple[str, EndpointsConfig]:
     _check_count(name, "locality groups", cla.endpoints)
     localities = []
     total = 0
+    seen = set()
     for group in cla.endpoints:
         locality = f"{group.locality.region}/{group.locality.zone}/{group.locality.sub_zone}"
         _check_count(name, "endpoints", group.lb_endpoints)
@@ -306,6 +316,11 @@ def decode_endpoints(any_msg: any_pb2.Any) -> Tuple[str, EndpointsConfig]:
                 raise ResourceError(name, "endpoint without a socket address")
             if not 0 < sock.port_value < 65536:
                 raise ResourceError(name, f"endpoint {sock.address} has invalid port {sock.port_value}")
+            key = (sock.address, sock.port_value)
+            if key in seen:
+                # gRPC NACKs these too; per-endpoint state (least request, ejection) is keyed by address.
+                raise ResourceError(name, f"duplicate endpoint address {sock.address}:{sock.port_value}")
+            seen.add(key)
             metadata = _metadata(lb_ep.metadata) if lb_ep.HasField("metadata") else {}
             weight = lb_ep.load_balancing_weight.value if lb_ep.HasField("load_balancing_weight") else 1
             endpoints.append(Endpoint(sock.address, sock.port_value, int(lb_ep.health_status), weight or 1, metadata, locality))

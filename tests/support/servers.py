@@ -183,6 +183,11 @@ class HttpServer:
         self.connections = 0
         self.seen: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
+        # Failure knobs for retry / outlier tests: answer every request with
+        # this status, or drop the connection without answering, or stall.
+        self.fail_status: Optional[int] = None
+        self.reset = False
+        self.delay = 0.0
 
     def _count_connection(self) -> int:
         with self._lock:
@@ -227,8 +232,24 @@ class _Handler(BaseHTTPRequestHandler):
             "sni": self.sni,
             "connection": self.connection_number,
             "body": body.decode("utf-8", "replace"),
+            "headers": {k.lower(): v for k, v in self.headers.items()},
         }
         state._record(info)
+        if state.delay:
+            import time
+
+            time.sleep(state.delay)
+        if state.reset:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        status = state.fail_status or 200
+        if self.path.startswith("/status/"):  # /status/<code>
+            status = int(self.path.split("/")[2].split("?")[0])
+        if self.path.startswith("/slow/"):  # /slow/<milliseconds>
+            import time
+
+            time.sleep(int(self.path.split("/")[2].split("?")[0]) / 1000)
         if self.path.startswith("/redirect"):
             # /redirect?to=<absolute-or-relative location>
             location = self.path.partition("to=")[2] or "/"
@@ -238,7 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         payload = json.dumps(info).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -297,6 +318,9 @@ class GrpcServer:
         self.calls = 0
         self.seen: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
+        # Failure knobs: abort every call with this grpc.StatusCode, or stall.
+        self.fail_code: Any = None
+        self.delay = 0.0
 
     def _describe(self, context: Any, method: str, request: bytes) -> bytes:
         metadata = {key: value for key, value in context.invocation_metadata() if not key.endswith("-bin")}
@@ -312,6 +336,12 @@ class GrpcServer:
         with self._lock:
             self.calls += 1
             self.seen.append(info)
+        if self.delay:
+            import time
+
+            time.sleep(self.delay)
+        if self.fail_code is not None:
+            context.abort(self.fail_code, f"{self.name} fails on purpose")
         return json.dumps(info).encode()
 
 
