@@ -515,3 +515,7 @@ def test_grpcio_accepted_every_resource(harness: Harness) -> None:
     """Runs last: grpcio ACKed everything the rows made it fetch (our extras
     beyond istiod's proxyless shapes must not cost native clients anything)."""
     assert harness.nacks(NATIVE) == []
+
+
+def test_meshpatch_accepted_every_resource(harness: Harness) -> None:
+    assert harness.nacks(MESHPATCH) == []
