@@ -926,7 +926,10 @@ _LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN
 def _load_balancer(v: Any, path: str) -> Optional[LoadBalancerSettings]:
     if v is None:
         return None
-    d = _obj(v, path, ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"))
+    d = _obj(v, path, ("simple", "consistentHash", "localityLbSetting", "zoneAwareLbSetting", "warmupDurationSecs", "warmup"))
+    if d.get("zoneAwareLbSetting") is not None:
+        _opaque(d["zoneAwareLbSetting"], f"{path}.zoneAwareLbSetting")
+        log.info("meshpatch control plane: %s.zoneAwareLbSetting is not translated", path)
     if d.get("simple") is not None and d.get("consistentHash") is not None:
         raise Reject(f"{path}: only one of simple or consistentHash may be set")
     simple = _enum(d.get("simple"), f"{path}.simple", _LB_SIMPLE, "UNSPECIFIED")
