@@ -518,6 +518,8 @@ spec:
     ("{route: [{destination: {host: a}}], headers: {request: {set: {'bad header': x}}}}", "not a valid header name"),
     ("{route: [{destination: {host: a}}], headers: {request: {append: {x: y}}}}", "unknown field spec.http[0].headers.request.append"),
     ("{route: [{destination: {host: a}}], mirrorPercentage: {value: 150}}", "mirrorPercentage.value"),
+    ("{route: [{destination: {host: a}}], fault: {abort: {httpStatus: 503, grpcStatus: UNAVAILABLE}}}", "only one of httpStatus, grpcStatus"),
+    ("{route: [{destination: {host: a}}], fault: {abort: {grpcStatus: NOT_A_CODE}}}", "is not a gRPC status name"),
 ])
 def test_invalid_virtual_service_actions_are_rejected(http: str, reason: str) -> None:
     text = f"""

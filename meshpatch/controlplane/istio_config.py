@@ -723,6 +723,11 @@ def _fault(v: Any, path: str) -> Optional[HTTPFaultInjection]:
     if d.get("abort") is not None:
         ap = f"{path}.abort"
         ad = _obj(d["abort"], ap, ("httpStatus", "grpcStatus", "http2Error", "percentage"))
+        kinds = [k for k in ("httpStatus", "grpcStatus", "http2Error") if ad.get(k) is not None]
+        if len(kinds) > 1:
+            raise Reject(f"{ap}: only one of httpStatus, grpcStatus or http2Error may be set")
+        if ad.get("grpcStatus") is not None and _str(ad["grpcStatus"], f"{ap}.grpcStatus") not in GRPC_STATUS_NAMES:
+            raise Reject(f"{ap}.grpcStatus: {ad['grpcStatus']!r} is not a gRPC status name (e.g. UNAVAILABLE)")
         out.abort = FaultAbort(
             http_status=_int(ad.get("httpStatus"), f"{ap}.httpStatus", 200, 599) if ad.get("httpStatus") is not None else None,
             grpc_status=_str(ad.get("grpcStatus"), f"{ap}.grpcStatus") or None,
@@ -850,6 +855,12 @@ def _mirror_policies(v: Any, path: str) -> List[HTTPMirrorPolicy]:
                                     _percentage(md.get("percentage"), f"{mp}.percentage")))
     return out
 
+
+GRPC_STATUS_NAMES = frozenset((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+))
 
 _HTTP_ROUTE_FIELDS = (
     "name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries",
