@@ -191,6 +191,20 @@ def ejected(bad: str):
     return check
 
 
+def same_latencies(result_check):
+    """Latencies drawn from one distribution (two-sample Kolmogorov-Smirnov), e.g. retry backoff jitter."""
+
+    def check(native: List[Outcome], mesh: List[Outcome]) -> None:
+        from scipy.stats import ks_2samp
+
+        result_check(native, mesh)
+        a, b = native[0].latencies, mesh[0].latencies
+        p = ks_2samp(a, b).pvalue
+        assert p > 1e-4, f"latencies differ (KS p={p:.2g}): grpcio {sorted(a)} vs meshpatch {sorted(b)}"
+
+    return check
+
+
 def mean_latency(low_ms: float, high_ms: float, result_check):
     def check(native: List[Outcome], mesh: List[Outcome]) -> None:
         result_check(native, mesh)
@@ -401,6 +415,9 @@ ROWS: List[Row] = [
     Row("retry-backoff", eps(*P3), behaviours={p: Behaviour("UNAVAILABLE", fail_first=2) for p in P3},
         vs_http=f"- route: [{{destination: {{host: {{host}}}}}}]\n  retries: {{attempts: 2, retryOn: unavailable, backoff: 200ms}}",
         batches=[Batch(6, concurrency=3)], check=mean_latency(100, 1500, attempts(3, "ok"))),
+    Row("retry-backoff-jitter", eps(*P3), behaviours={p: Behaviour("UNAVAILABLE", fail_first=2) for p in P3},
+        vs_http=f"- route: [{{destination: {{host: {{host}}}}}}]\n  retries: {{attempts: 2, retryOn: unavailable, backoff: 200ms}}",
+        batches=[Batch(12, concurrency=3)], check=same_latencies(attempts(3, "ok"))),
     Row("retry-many-at-once", eps(*P3), behaviours={p: Behaviour("UNAVAILABLE", fail_first=1) for p in P3},
         vs_http=f"- route: [{{destination: {{host: {{host}}}}}}]\n  retries: {{attempts: 2, retryOn: unavailable, backoff: 100ms}}",
         batches=[Batch(12, concurrency=12)], check=attempts(2, "ok")),
@@ -475,6 +492,7 @@ MESHPATCH_MISSING: Dict[str, str] = {
     "bin-and-content-type": f"gRPC matching sees content-type: application/grpc (A28) — {_LEAD}",
     "retry-capped-at-5-attempts": f"gRPC caps attempts at 5 (A44); meshpatch makes num_retries + 1 — {_LEAD}",
     "retry-many-at-once": f"meshpatch allows Envoy's default max_retries=3 concurrent retries per cluster; grpcio has no such cap — {_LEAD}/{_LB}",
+    "retry-backoff-jitter": f"grpcio (C-core) backs off base x 2^n with +/-20 % jitter (200 ms base: 480-720 ms for 2 retries); meshpatch uses Envoy's full jitter (270-490 ms) — {_LEAD}",
     "retry-per-try-timeout-ignored": f"DIVERGENCE to decide: grpcio ignores per_try_timeout (A44), meshpatch applies it (Envoy) — {_LEAD}",
     "round-robin-endpoint-weights": f"DIVERGENCE to decide: grpcio's RR ignores endpoint weights, meshpatch's RR is weighted (Envoy) — {_LB}",
     "priority-failover": f"fail over when a priority's endpoints refuse connections (grpcio: connectivity state) — {_LB}",
