@@ -102,20 +102,21 @@ def test_ejected_server_returns_after_base_time_and_backoff_doubles_it() -> None
     od = dict(consecutive_5xx=2, interval=0.05, base_ejection_time=0.4, max_ejection_time=10, max_ejection_percent=50)
     with servers([("127.0.0.2", "503"), ("127.0.0.3", "ok")]) as (bad, good), lb_mesh() as mesh:
         mesh.serve(with_outlier(cluster(), **od), endpoints_of([bad, good]))
+        state = mesh.handle.states[(bad.host, bad.port)]
         drive(mesh, 4)
-        first = time.monotonic()
         assert ejected(mesh) == {"127.0.0.2": CONSECUTIVE_5XX}
+        first = state.ejected_at
         # picks alone (no attempt ends) bring it back: the Timed picker runs the interval
         wait_until(lambda: mesh.pick().address == "127.0.0.2", timeout=3, step=0.01)
         back = time.monotonic() - first
         assert 0.4 <= back < 0.4 + 0.5, back
         drive(mesh, 6)  # still failing: ejected again, now for 2 × base
         assert ejected(mesh) == {"127.0.0.2": CONSECUTIVE_5XX}
-        second = time.monotonic()
+        second = state.ejected_at
         wait_until(lambda: mesh.pick().address == "127.0.0.2", timeout=4, step=0.01)
         back = time.monotonic() - second
         assert 0.8 <= back < 0.8 + 0.5, back
-        assert mesh.handle.states[(bad.host, bad.port)].ejections == 2
+        assert state.ejections == 2
         bad.mode = "ok"
         assert drive(mesh, 20)["127.0.0.2"] == 10  # recovered: equal share again
 
@@ -186,8 +187,8 @@ def _align_to_interval(mesh: LbMesh) -> None:
 
 
 def test_success_rate_ejects_the_statistical_outlier() -> None:
-    od = dict(interval=0.6, base_ejection_time=5, max_ejection_percent=100, enforcing_consecutive_5xx=0,
-              success_rate_minimum_hosts=5, success_rate_request_volume=10)
+    od = dict(interval=1.0, base_ejection_time=5, max_ejection_percent=100, enforcing_consecutive_5xx=0,
+              success_rate_minimum_hosts=5, success_rate_request_volume=6)
     specs = [("127.0.0.2", "every:2:503")] + [(f"127.0.0.{i}", "ok") for i in range(3, 7)]
     with servers(specs) as all_servers, lb_mesh() as mesh:
         mesh.serve(with_outlier(cluster(), **od), endpoints_of(all_servers))
@@ -214,9 +215,9 @@ def test_success_rate_needs_minimum_hosts_and_volume() -> None:
 
 
 def test_failure_percentage_ejects_above_threshold() -> None:
-    od = dict(interval=0.6, base_ejection_time=5, max_ejection_percent=100, enforcing_consecutive_5xx=0,
+    od = dict(interval=1.0, base_ejection_time=5, max_ejection_percent=100, enforcing_consecutive_5xx=0,
               enforcing_success_rate=0, failure_percentage_threshold=40, enforcing_failure_percentage=100,
-              failure_percentage_minimum_hosts=3, failure_percentage_request_volume=10)
+              failure_percentage_minimum_hosts=3, failure_percentage_request_volume=6)
     specs = [("127.0.0.2", "every:2:503"), ("127.0.0.3", "every:4:503"), ("127.0.0.4", "ok")]
     with servers(specs) as all_servers, lb_mesh() as mesh:
         mesh.serve(with_outlier(cluster(), **od), endpoints_of(all_servers))

@@ -44,7 +44,7 @@ def _refused(mesh: LbMesh, scheme: str = "http") -> str:
     start = time.monotonic()
     with pytest.raises(CircuitBreakerOpen) as info:
         mesh.pick(scheme=scheme)
-    assert time.monotonic() - start < 0.05  # fails fast, nothing waits
+    assert time.monotonic() - start < 0.2  # fails fast: nothing waits for the 0.4 s calls in flight
     assert info.value.cluster == mesh.handle.name
     return info.value.limit
 
@@ -156,7 +156,7 @@ def _run_load(mesh: LbMesh, seconds: float, threads: int = 6) -> collections.Cou
 
 
 @pytest.mark.parametrize("lb, fast_share", [(cluster_pb2.Cluster.ROUND_ROBIN, (0.45, 0.55)),
-                                            (cluster_pb2.Cluster.LEAST_REQUEST, (0.7, 1.0))],
+                                            (cluster_pb2.Cluster.LEAST_REQUEST, (0.65, 1.0))],
                          ids=["round robin splits evenly", "least request avoids the slow server"])
 def test_least_request_steers_real_calls_to_the_less_loaded_server(lb: int, fast_share: tuple) -> None:
     with servers([("127.0.0.2", "slow:0.06"), ("127.0.0.3", "ok")]) as specs, lb_mesh() as mesh:
@@ -192,12 +192,24 @@ def test_slow_start_ramps_a_new_pod_over_its_window() -> None:
         time.sleep(window)
         mesh.push_eds(endpoints_of(old + [new]))
         joined = mesh.handle.states[("127.0.0.4", 8080)].added
-        early = _share(mesh, "127.0.0.4")
-        assert abs(early - (1 / 3) / (2 + 1 / 3)) < 0.03, early
+
+        def expected(at: float) -> float:  # the newcomer's share at time ``at``
+            factor = max(0.1, max(at - joined, 1.0) / window) if at - joined < window else 1.0
+            return factor / (2 + factor)
+
+        def check(low_bound: float) -> float:
+            # a loaded machine may sample late: the share must lie within what the
+            # ramp gave while sampling (± sampling noise, ± one 60 ms ramp step)
+            before = time.monotonic()
+            share = _share(mesh, "127.0.0.4")
+            after = time.monotonic()
+            assert expected(before - 0.06) - 0.03 < share < expected(after) + 0.03, (share, before - joined, after - joined)
+            assert share > low_bound
+            return share
+
+        early = check(0.0)  # 1/3 of a weight while younger than 1 s: 0.143
         time.sleep(max(0.0, joined + 2.0 - time.monotonic()))
-        middle = _share(mesh, "127.0.0.4")
-        assert abs(middle - (2 / 3) / (2 + 2 / 3)) < 0.04, middle
-        assert middle > early + 0.06
+        check(early + 0.06)  # 2/3 of a weight at 2 s: 0.25
         time.sleep(max(0.0, joined + window + 0.1 - time.monotonic()))
         counts = collections.Counter(mesh.pick().address for _ in range(3000))
         assert chisquare([counts["127.0.0.2"], counts["127.0.0.3"], counts["127.0.0.4"]]).pvalue > 0.001, counts
