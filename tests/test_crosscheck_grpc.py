@@ -411,7 +411,7 @@ ROWS: List[Row] = [
         batches=[Batch(20)], check=attempts(1, "error:UNAVAILABLE")),
     Row("retry-capped-at-5-attempts", eps(*P3), behaviours={p: UNAVAILABLE for p in P3},
         vs_http=f"- route: [{{destination: {{host: {{host}}}}}}]\n  retries: {{attempts: 9, retryOn: unavailable}}",
-        batches=[Batch(10)], check=attempts(5, "error:UNAVAILABLE")),
+        batches=[Batch(4)], check=attempts(5, "error:UNAVAILABLE")),
     Row("retry-backoff", eps(*P3), behaviours={p: Behaviour("UNAVAILABLE", fail_first=2) for p in P3},
         vs_http=f"- route: [{{destination: {{host: {{host}}}}}}]\n  retries: {{attempts: 2, retryOn: unavailable, backoff: 200ms}}",
         batches=[Batch(6, concurrency=3)], check=mean_latency(100, 1500, attempts(3, "ok"))),

@@ -67,7 +67,9 @@ def run(cmd):
     if target not in warmed:  # resolve xDS first; servers neither count nor fail x-warm calls
         warmed.add(target)
         try:
-            call(b"", timeout=15, wait_for_ready=True, metadata=base + [("x-warm", "1")])
+            # grpcio queues the call until xDS resolves only with wait_for_ready; meshpatch's
+            # first call waits for xDS itself (and would wait out the deadline on a dead pod).
+            call(b"", timeout=15, wait_for_ready=bool(prefix), metadata=base + [("x-warm", "1")])
         except grpc.RpcError:
             pass
     each = cmd.get("md_each")
