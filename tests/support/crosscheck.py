@@ -182,8 +182,9 @@ class Pods:
         self.addresses: Dict[str, Tuple[str, int]] = {}
         self._servers: List[grpc.Server] = []
         self._lock = threading.Lock()
-        # (row, client, batch) → request id → pods that got an attempt, in order
+        # (row, client, batch) → request id → pods that got an attempt, in order (and when)
         self._attempts: Dict[Tuple[str, str, str], Dict[str, List[str]]] = defaultdict(lambda: defaultdict(list))
+        self._times: Dict[Tuple[str, str, str], Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
         for i, name in enumerate(self.names):
             ip = f"127.0.0.{i + 2}"
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=f"pod-{name}"),
@@ -202,8 +203,10 @@ class Pods:
         row = str(md.get("x-row", ""))
         key = (row, str(md.get("x-client", "")), str(md.get("x-batch", "")))
         with self._lock:
-            tried = self._attempts[key][str(md.get("x-req", ""))]
+            req = str(md.get("x-req", ""))
+            tried = self._attempts[key][req]
             tried.append(name)
+            self._times[key][req].append(time.monotonic())
             attempt = len(tried)
         b = self.behaviours.get((row, name), Behaviour())
         if b.delay:
@@ -215,6 +218,10 @@ class Pods:
     def attempts(self, row: str, client: str, batch: int) -> Dict[str, List[str]]:
         with self._lock:
             return {k: list(v) for k, v in self._attempts.get((row, client, str(batch)), {}).items()}
+
+    def attempt_times(self, row: str, client: str, batch: int) -> Dict[str, List[float]]:
+        with self._lock:
+            return {k: list(v) for k, v in self._times.get((row, client, str(batch)), {}).items()}
 
     def stop(self) -> None:
         for server in self._servers:
@@ -263,6 +270,12 @@ class Outcome:
     results: List[Tuple[str, float]]
     attempts: Dict[str, List[str]]
     client: str = ""
+    attempt_times: Dict[str, List[float]] = field(default_factory=dict)  # monotonic, as the pods saw them
+
+    @property
+    def retry_gaps_ms(self) -> List[List[float]]:
+        """Per request, the pauses between its attempts (backoff + one round trip)."""
+        return [[(b - a) * 1000 for a, b in zip(t, t[1:])] for t in self.attempt_times.values()]
 
     @property
     def codes(self) -> Counter:
@@ -405,7 +418,8 @@ class Harness:
                     continue
                 for tag in CLIENTS:
                     results = [(r, ms) for r, ms in answers[tag]]
-                    out[tag].append(Outcome(results, self.pods.attempts(row.name, tag, i), tag))
+                    out[tag].append(Outcome(results, self.pods.attempts(row.name, tag, i), tag,
+                                            self.pods.attempt_times(row.name, tag, i)))
         return out
 
     def nacks(self, tag: str) -> List[str]:
