@@ -126,7 +126,9 @@ def test_ejected_server_returns_after_base_time_backoff_doubles_then_shrinks() -
 
 
 def test_connect_failures_eject_without_any_outlier_config() -> None:
-    """Issue 6: the built-in detector takes a refused endpoint out after 5 connect failures."""
+    """Issue 6: a refused endpoint leaves the picker at its first connect failure
+    (gRPC-style connectivity, reconnect backoff from 1 s); while it keeps refusing,
+    the built-in detector ejects it after 5 consecutive connect failures."""
     with servers([("127.0.0.3", "ok"), ("127.0.0.4", "ok")]) as good, lb_mesh() as mesh:
         dead = SimpleNamespace(host="127.0.0.2", port=refused_port("127.0.0.2"))
         mesh.serve(cluster(), endpoints_of([dead, *good]))
@@ -136,9 +138,15 @@ def test_connect_failures_eject_without_any_outlier_config() -> None:
         for _ in range(15):
             pick = mesh.pick()
             outcomes[(pick.address, attempt(pick).kind)] += 1
-        assert outcomes[("127.0.0.2", CONNECT_FAILURE)] == 5
-        assert ejected(mesh) == {"127.0.0.2": CONSECUTIVE_LOCAL_ORIGIN_FAILURE}
+        assert outcomes[("127.0.0.2", CONNECT_FAILURE)] == 1
+        state = mesh.handle.states[("127.0.0.2", dead.port)]
+        assert state.down_until > time.monotonic() and ejected(mesh) == {}
         assert drive(mesh, 20)["127.0.0.2"] == 0
+        endpoint = next(ep for loc in mesh.handle.endpoints.localities for ep in loc.endpoints if ep.address == "127.0.0.2")
+        for _ in range(4):  # the endpoint keeps refusing each time its backoff lets it be tried again
+            mesh.handle.on_attempt_start(endpoint)
+            mesh.handle.on_attempt_end(endpoint, Outcome(CONNECT_FAILURE))
+        assert ejected(mesh) == {"127.0.0.2": CONSECUTIVE_LOCAL_ORIGIN_FAILURE}
 
 
 def test_builtin_detector_ignores_5xx_and_resets() -> None:
@@ -292,7 +300,10 @@ def test_outlier_detection_can_be_switched_off(monkeypatch) -> None:
             with servers([("127.0.0.3", "ok")]) as good:
                 mesh.serve(cluster(), endpoints_of([dead, *good]))
                 assert mesh.handle.tracker is None
-                assert drive(mesh, 20)["127.0.0.2"] == 10
+                # No ejection; only the connectivity backoff keeps the refused endpoint
+                # out after its first connect failure (it is retried once the backoff ends).
+                assert drive(mesh, 20)["127.0.0.2"] == 1
+                assert ejected(mesh) == {}
     finally:
         cluster_policy.reset_default_outlier()
 

@@ -49,6 +49,7 @@ class EndpointState:
         "consecutive_5xx", "consecutive_gateway", "consecutive_local",
         "ok", "total", "local_ok", "local_total", "last_ok", "last_total", "last_local_ok", "last_local_total",
         "ejected_at", "ejection_reason", "backoff", "ejections", "unejected_at", "jitter",
+        "down_until", "down_backoff",
     )
 
     def __init__(self, key: Key, added: float) -> None:
@@ -66,6 +67,10 @@ class EndpointState:
         self.ejections = 0
         self.unejected_at: Optional[float] = None
         self.jitter = 0.0
+        # Connectivity, as gRPC tracks a subchannel: a failed connect puts the
+        # endpoint in TRANSIENT_FAILURE until this time (reconnect backoff).
+        self.down_until = 0.0
+        self.down_backoff = 0.0
 
     @property
     def ejected(self) -> bool:

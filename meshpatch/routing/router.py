@@ -66,9 +66,13 @@ class _RequestHeaders:
 
     def get(self, name: str) -> Optional[str]:
         if self._grpc:
-            # gRPC (A28): pseudo-headers are not visible and binary headers never match.
+            # gRPC (A28): pseudo-headers are not visible and binary headers never match;
+            # content-type is, and it is application/grpc unless the app set its own.
             if name.startswith(":") or name.endswith("-bin"):
                 return None
+            if name == "content-type":
+                value = self._headers.get(name) if self._headers is not None else None
+                return value or "application/grpc"
         elif name.startswith(":"):
             return self._pseudo.get(name)
         headers = self._headers
@@ -207,7 +211,10 @@ class Router:
             if route.headers:
                 if lookup is None:
                     lookup = _RequestHeaders(headers, scheme, method, match_path, target.authority)
-                if not all(m.matches(lookup.get(m.name)) for m in route.headers):
+                if scheme == "grpc":
+                    if not all(m.matches_grpc(lookup.get(m.name)) for m in route.headers):
+                        continue
+                elif not all(m.matches(lookup.get(m.name)) for m in route.headers):
                     continue
             if route.query:
                 if scheme == "grpc":

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from meshpatch import lanes
 from meshpatch.routing.cluster_policy import DEFAULT_CIRCUIT_BREAKERS, DEFAULT_LB, CircuitBreakers, default_outlier
 from meshpatch.routing.domains import select_virtual_host
+from meshpatch.routing.outcome import CONNECT_FAILURE, OK
 from meshpatch.routing.lb import ClusterView, EmptyPicker, Picker, Timed, build_picker
 from meshpatch.routing.merge import for_port, matching, merge_endpoints, parse_cluster_name, subset_selector
 from meshpatch.routing.model import ClusterConfig, EndpointsConfig, ListenerConfig, Route, RouteConfig
@@ -54,7 +55,7 @@ class ClusterHandle:
 
     __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight", "_eds", "_registry",
                  "_registry_key", "_registry_seen", "retries_active", "endpoints", "states", "tracker", "_lock",
-                 "_cache", "_breakers", "_seed", "_outlier_source", "_inner", "_slow_due", "__weakref__")
+                 "_cache", "_breakers", "_seed", "_outlier_source", "_inner", "_slow_due", "_down_due", "__weakref__")
 
     # Slow-start ramps are stepped this often (a fraction of the window, at most 1 s apart).
     SLOW_START_STEPS = 50
@@ -85,6 +86,7 @@ class ClusterHandle:
         self._outlier_source: Any = None
         self._inner: Picker = self.picker
         self._slow_due = math.inf
+        self._down_due = math.inf
         _HANDLES.add(self)
         if self._registry_key is not None:
             registry.watch_host(self._registry_key[1])
@@ -112,6 +114,8 @@ class ClusterHandle:
                         state.active -= 1
                     if tracker is not None and outcome is not None:
                         changed = tracker.on_result(state, outcome, self.states, now)
+                    if outcome is not None and _connectivity(state, outcome, now):
+                        changed = True
             if tracker is not None and now >= tracker.next_tick:
                 if tracker.tick(self.states, now) or changed:
                     self._rebuild_locked(now)
@@ -261,6 +265,10 @@ class ClusterHandle:
         lb = self.config.lb if self.config is not None else DEFAULT_LB
         tracker = self.tracker
         ejected = frozenset(tracker.ejected) if tracker is not None else frozenset()
+        down = [(state.down_until, key) for key, state in self.states.items() if state.down_until > now]
+        self._down_due = min(down)[0] if down else math.inf
+        if down:  # endpoints in connect backoff leave the picker like ejected ones (priority failover included)
+            ejected = ejected | frozenset(key for _, key in down)
         view = ClusterView(self.states, ejected, now, self._cache, self._seed)
         self._inner = lanes.build(self.endpoints, lambda config: build_picker(config, lb, view))
         self._cache = view.used
@@ -273,7 +281,7 @@ class ClusterHandle:
         """Swap in the picker, with a deadline when an outlier interval (with endpoints
         ejected) or a slow-start step will change it later.  A lane picker keeps
         its class (the call path recognises it) and gets timed lanes instead."""
-        deadline = self._slow_due
+        deadline = min(self._slow_due, self._down_due)
         tracker = self.tracker
         if tracker is not None and tracker.ejected:
             deadline = min(deadline, tracker.next_tick)
@@ -298,7 +306,7 @@ class ClusterHandle:
                 now = time.monotonic()
                 tracker = self.tracker
                 changed = tracker is not None and now >= tracker.next_tick and tracker.tick(self.states, now)
-                if changed or now >= self._slow_due:
+                if changed or now >= self._slow_due or now >= self._down_due:
                     self._rebuild_locked(now, merge=False)
                 else:
                     self._publish_locked()
@@ -356,6 +364,23 @@ def _reset_handles_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_handles_after_fork)
+
+
+def _connectivity(state: EndpointState, outcome: Any, now: float) -> bool:
+    """gRPC-style connectivity: a failed connect puts the endpoint in reconnect
+    backoff (1 s, x1.6, jitter 0.2, cap 120 s, gRPC's connection backoff), out of
+    the picker meanwhile; any answer from it brings it back.  True when the
+    endpoint went down or came back (the picker must be rebuilt)."""
+    if outcome.kind == CONNECT_FAILURE:
+        was_up = state.down_until <= now
+        state.down_backoff = min(max(state.down_backoff * 1.6, 1.0), 120.0)
+        state.down_until = now + state.down_backoff * random.uniform(0.8, 1.2)
+        return was_up
+    if state.down_until and outcome.kind == OK:
+        state.down_until = 0.0
+        state.down_backoff = 0.0
+        return True
+    return False
 
 
 class ClusterManager:

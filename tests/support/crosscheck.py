@@ -313,6 +313,10 @@ class Row:
     behaviours: Mapping[str, Behaviour] = field(default_factory=dict)
     patch: Optional[Callable[[str, Message], None]] = None  # amend this row's xDS resources
     meshpatch_missing: str = ""  # meshpatch lacks the feature yet: strict xfail with this reason
+    # A deliberate difference (meshpatch follows Envoy where grpcio does less): the
+    # check meshpatch's outcome must pass instead of matching grpcio, and why.
+    divergence: Optional[Check] = None
+    divergence_reason: str = ""
 
     @property
     def host(self) -> str:
