@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 from meshpatch.routing.matchers import HeaderMatcher, PathMatcher
 from meshpatch.routing.route_policy import NO_POLICY, RoutePolicy
+from meshpatch.security.model import UpstreamTls
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,8 @@ class ClusterConfig:
     name: str
     eds_service_name: str
     lb_policy: str = "ROUND_ROBIN"
+    # mTLS origination from the cluster's transport_socket; None = plaintext.
+    tls: Optional[UpstreamTls] = None
 
 
 HEALTHY_STATES = frozenset({0, 1})  # UNKNOWN, HEALTHY: the only ones gRPC sends to

@@ -36,6 +36,7 @@ from meshpatch.routing.model import (
     VirtualHost,
 )
 from meshpatch.xds.decode_policy import route_policy
+from meshpatch.xds.decode_tls import upstream_tls
 from meshpatch.xds.type_urls import CDS, EDS, HCM_TYPE, LDS, RDS, RESOURCE_WRAPPER
 
 MAX_ITEMS = 100_000  # guards against hostile resources with absurd list sizes
@@ -284,9 +285,13 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
     lb = _LB_NAMES.get(cluster.lb_policy, str(cluster.lb_policy))
     if lb not in SUPPORTED_LB:
         raise ResourceError(name, f"lb_policy {lb} not supported by this meshpatch version (supported: ROUND_ROBIN)")
-    if cluster.HasField("transport_socket") and cluster.transport_socket.name not in ("", "envoy.transport_sockets.raw_buffer"):
-        raise ResourceError(name, f"transport_socket {cluster.transport_socket.name!r} (TLS) not supported yet; refusing rather than sending plaintext")
-    return name, ClusterConfig(name, eds.service_name or name, lb)
+    tls = None
+    if cluster.HasField("transport_socket"):
+        try:
+            tls = upstream_tls(cluster.transport_socket)
+        except ValueError as exc:
+            raise ResourceError(name, f"transport_socket: {exc}") from None
+    return name, ClusterConfig(name, eds.service_name or name, lb, tls)
 
 
 # --- EDS -------------------------------------------------------------------
