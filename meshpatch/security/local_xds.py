@@ -1,38 +1,33 @@
-"""An in-process xDS server that hands grpc-core its own security configuration.
+"""An in-process xDS server that hands grpc-core its own mTLS for mesh sub-channels.
 
 Why.  grpcio's ``ssl_channel_credentials`` cannot talk to a mesh workload: its
 hostname check looks only at DNS/IP SANs (grpcio 1.85: "Hostname Verification
 Check failed" against a URI-only SPIFFE certificate, whatever
 ``grpc.ssl_target_name_override`` says) and Python has no custom verifier.
-grpc-core's *xDS* credentials do exactly what Istio's proxyless mode needs —
-file_watcher certificates, SAN matching from CDS, per-connection plaintext/mTLS
-and RBAC on servers — but they take their configuration from an xDS server.
-So meshpatch runs a tiny one in-process, on a private Unix socket, and feeds it
-what meshpatch already decided:
-
-* client side — for an mTLS endpoint, a Listener/Cluster/ClusterLoadAssignment
-  named after (endpoint, cluster TLS config): one endpoint, the cluster's
-  UpstreamTlsContext.  meshpatch still picks the endpoint per RPC; the
-  sub-channel to it is ``xds:///<name>`` with xds credentials;
-* server side — for each port a managed ``grpc.server`` binds, the inbound
-  Listener meshpatch received upstream (renamed to the local template, RBAC
-  filters removed: meshpatch enforces and counts RBAC itself), or a plaintext
-  listener while the port is not in the mesh.
+grpc-core's *xDS* credentials do what Istio's proxyless mode needs —
+file_watcher certificates and SAN matching from the cluster's
+UpstreamTlsContext (A29) — but take that configuration from an xDS server.
+So meshpatch runs a tiny one in-process, on a private Unix socket, serving per
+(endpoint, cluster TLS config) a Listener / Cluster / ClusterLoadAssignment
+with that one endpoint and the cluster's TLS settings.  meshpatch still picks
+the endpoint per RPC; the sub-channel to it is ``xds:///<name>`` with xds
+credentials, so the TLS handshake and the SPIFFE check are grpc-core's own, on
+the very connection the RPCs use.
 
 Nothing here talks to istio-agent: the upstream stays one ADS stream per
-process (meshpatch's own).  grpc-core is pointed at this server per channel /
-server with the channel argument ``grpc.TEST_ONLY_DO_NOT_USE_IN_PROD.xds_bootstrap_config``
-(a per-channel bootstrap; grpc's own name for it says "test only": it is the
+process (meshpatch's own).  grpc-core is pointed at this server per channel
+with the channel argument ``grpc.TEST_ONLY_DO_NOT_USE_IN_PROD.xds_bootstrap_config``
+(a per-channel bootstrap; grpc's name for it says "test only", but it is the
 only way to give one channel its own xDS server without touching the
-process-wide ``GRPC_XDS_BOOTSTRAP`` the app's own ``xds:///`` channels use;
-tests/test_security_grpc.py fails if a grpcio upgrade drops it).
+process-wide ``GRPC_XDS_BOOTSTRAP`` that the app's own ``xds:///`` channels use;
+the grpc security tests fail if a grpcio upgrade drops it).
 
-Cost: each mTLS sub-channel / managed server gets its own grpc-core XdsClient
-with one local stream (a server worker thread and a reader thread here) and
-its own file_watcher.  Certificates are re-read by grpc-core every
-``min(refresh_interval, CERT_POLL)`` seconds; meshpatch additionally opens a new
-sub-channel on a certificate generation change, so new client connections use
-a rotated certificate at once.
+Cost: each mTLS sub-channel gets its own grpc-core XdsClient with one local
+stream (a worker thread and a reader thread here) and its own file_watcher,
+and its first RPC waits for a local LDS→CDS→EDS round (~10-30 ms).  grpc-core
+re-reads certificates every ``min(refresh_interval, CERT_POLL)`` seconds;
+meshpatch also opens a new sub-channel when a certificate generation changes,
+so new connections use a rotated certificate at once.
 """
 
 from __future__ import annotations
@@ -58,7 +53,6 @@ from meshpatch.security.model import UpstreamTls
 log = logging.getLogger("meshpatch.security")
 
 BOOTSTRAP_ARG = "grpc.TEST_ONLY_DO_NOT_USE_IN_PROD.xds_bootstrap_config"
-LOCAL_INBOUND_TEMPLATE = "meshpatch.local/grpc/lds/inbound/%s"
 #: Upper bound (seconds) for grpc-core's certificate refresh interval.
 CERT_POLL = 5.0
 
@@ -134,7 +128,7 @@ class LocalXds:
             self._dir = None
 
     def bootstrap(self) -> str:
-        """The bootstrap JSON grpc-core gets for channels / servers using this server."""
+        """The bootstrap JSON grpc-core gets for the channels using this server."""
         self.start()
         text = self._bootstrap
         if text is None:
@@ -143,7 +137,6 @@ class LocalXds:
                                  "server_features": ["xds_v3"]}],
                 "node": {"id": f"meshpatch-local~{os.getpid()}", "metadata": {"GENERATOR": "grpc"}},
                 "certificate_providers": providers.bootstrap_section(poll_cap=CERT_POLL),
-                "server_listener_resource_name_template": LOCAL_INBOUND_TEMPLATE,
             }, sort_keys=True)
         return text
 
@@ -201,12 +194,6 @@ class LocalXds:
             self.set(EDS, name, cla)
             self.set(LDS, name, listener)
         return f"xds:///{name}", [(BOOTSTRAP_ARG, self.bootstrap())]
-
-    # -- server side -----------------------------------------------------------
-
-    @staticmethod
-    def inbound_name(address: str) -> str:
-        return LOCAL_INBOUND_TEMPLATE % address
 
 
 def _client_resources(name: str, address: str, port: int, tls: UpstreamTls) -> Tuple[Any, Any, Any]:

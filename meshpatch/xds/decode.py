@@ -36,6 +36,7 @@ from meshpatch.routing.model import (
     VirtualHost,
 )
 from meshpatch.xds.decode_policy import route_policy
+from meshpatch.xds.decode_server import decode_server_listener
 from meshpatch.xds.decode_tls import upstream_tls
 from meshpatch.xds.type_urls import CDS, EDS, HCM_TYPE, LDS, RDS, RESOURCE_WRAPPER
 
@@ -86,6 +87,12 @@ def decode_listener(any_msg: any_pb2.Any) -> Tuple[str, ListenerConfig]:
     if not name:
         raise ResourceError("", "listener without a name")
     if not listener.HasField("api_listener"):
+        if listener.filter_chains or listener.HasField("default_filter_chain"):
+            # A server (inbound) listener: filter chains instead of an api_listener.
+            try:
+                return name, decode_server_listener(listener)
+            except ValueError as exc:
+                raise ResourceError(name, str(exc)) from None
         raise ResourceError(name, "not an API listener (no api_listener); client listeners need one")
     api = listener.api_listener.api_listener
     if api.type_url != HCM_TYPE:
