@@ -178,8 +178,10 @@ class AuthenticatedRule(Matcher):
         self.matcher = matcher
 
     def matches(self, request: RbacRequest) -> bool:
+        if not request.authenticated:
+            return False  # plaintext peers are never "authenticated", whatever the name matcher
         if self.matcher is None:
-            return request.authenticated
+            return True
         return any(self.matcher.matches(p) for p in request.principals)
 
 
