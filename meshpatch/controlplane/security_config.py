@@ -145,8 +145,9 @@ def _rule(v: Any, path: str) -> Rule:
         source = Source()
         for key, attr in _SOURCE_FIELDS.items():
             setattr(source, attr, _non_empty(_str_list(sd.get(key), f"{fp}.source.{key}"), f"{fp}.source.{key}"))
-        if source.service_accounts and (source.principals or source.not_principals):
-            raise Reject(f"{fp}.source: serviceAccounts cannot be combined with principals")
+        if (source.service_accounts or source.not_service_accounts) and (
+                source.principals or source.not_principals or source.namespaces or source.not_namespaces):
+            raise Reject(f"{fp}.source: serviceAccounts cannot be combined with principals or namespaces")
         rule.sources.append(source)
     for i, t in enumerate(_list(d.get("to"), f"{path}.to")):
         tp = f"{path}.to[{i}]"
