@@ -98,14 +98,11 @@ class LocalXds:
             if self._server is not None:
                 return
             import grpc
-            from concurrent import futures
 
             self._dir = tempfile.mkdtemp(prefix="meshpatch-xds-")
             path = os.path.join(self._dir, "xds.sock")
             with suppressed():
-                server = grpc.server(futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="meshpatch-local-xds",
-                                                                initializer=suppress_current_context),
-                                     options=[("grpc.so_reuseport", 0)])
+                server = grpc.server(_DaemonExecutor(), options=[("grpc.so_reuseport", 0)])
                 ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
                 if not server.add_insecure_port(f"unix:{path}"):
                     raise OSError(f"meshpatch: cannot bind the local xDS server to {path}")
@@ -254,6 +251,32 @@ def upstream_tls_context(tls: UpstreamTls) -> Any:
             setattr(target, matcher.kind, matcher.value)
             target.ignore_case = matcher.ignore_case
     return context
+
+
+class _DaemonExecutor:
+    """A thread per stream, daemonic: a ThreadPoolExecutor's workers are joined
+    at interpreter exit, and a stream worker waits for events forever, so the
+    app would never exit."""
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from concurrent.futures import Future
+
+        future: Future = Future()
+
+        def run() -> None:
+            suppress_current_context()
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to grpc like a pool would
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="meshpatch-local-xds", daemon=True).start()
+        return future
+
+    def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
+        pass
 
 
 class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):

@@ -34,6 +34,15 @@ def server_ssl_context(workload: Workload, require_client: bool = True) -> ssl.S
     return context
 
 
+def cert_serial(pem: bytes) -> Optional[str]:
+    """A PEM certificate's serial as Python's getpeercert() prints it (hex, upper case)."""
+    if not pem:
+        return None
+    from cryptography import x509
+
+    return format(x509.load_pem_x509_certificate(pem).serial_number, "X")
+
+
 def _uri_sans(peercert: Optional[dict]) -> List[str]:
     return [value for kind, value in (peercert or {}).get("subjectAltName", ()) if kind == "URI"]
 
@@ -41,10 +50,13 @@ def _uri_sans(peercert: Optional[dict]) -> List[str]:
 class _MtlsHandler(servers._Handler):
     def setup(self) -> None:
         super().setup()
-        peer = None
+        peer, serial = None, None
         if isinstance(self.connection, ssl.SSLSocket):
-            peer = _uri_sans(self.connection.getpeercert())
+            cert = self.connection.getpeercert()
+            peer = _uri_sans(cert)
+            serial = (cert or {}).get("serialNumber")
         _local.peer = peer
+        _local.serial = serial
 
 
 class MtlsHttpServer(servers.HttpServer):
@@ -54,6 +66,7 @@ class MtlsHttpServer(servers.HttpServer):
 
     def _record(self, info: dict) -> None:
         info["peer"] = getattr(_local, "peer", None)
+        info["peer_serial"] = getattr(_local, "serial", None)  # which client certificate (rotation)
         super()._record(info)
 
 
@@ -103,7 +116,9 @@ def mtls_grpc_server(name: str, host: str, workload: Workload, port: int = 0) ->
 
     def unary(request: bytes, context: Any) -> bytes:
         info = json.loads(state._describe(context, servers.UNARY, request))
-        info["peer"] = [v.decode() for v in context.auth_context().get("peer_uri", [])]
+        auth = context.auth_context()
+        info["peer"] = [v.decode() for v in auth.get("peer_uri", [])]
+        info["peer_serial"] = cert_serial(auth.get("x509_pem_cert", [b""])[0])
         return json.dumps(info).encode()
 
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
