@@ -338,3 +338,50 @@ def test_rbac_matchers_headers_not_and_ports(certs: Any) -> None:
 
 def test_rbac_log_action_has_no_effect(certs: Any) -> None:
     assert _engines(xs.rbac_filter("LOG", {"x": xs.policy()})) == ()
+
+
+# -- NACK on the wire -------------------------------------------------------------------------
+
+
+def test_xds_client_nacks_unknown_provider_and_keeps_valid_clusters(certs: Any) -> None:
+    """The error_detail names the cluster and the missing instance; the valid
+    TLS cluster of the same response is accepted (gRPC A46)."""
+    from meshpatch.bootstrap import Bootstrap, XdsServer
+    from meshpatch.xds.client import ACKED, NACKED, XdsClient
+    from meshpatch.xds.type_urls import CDS
+    from tests.support.scripted_ads import ScriptedAds
+
+    ads = ScriptedAds().start()
+    boot = Bootstrap([XdsServer(ads.address, "insecure", {}, [])], {"id": "sidecar~127.0.0.1~c.default~default.svc.cluster.local"},
+                     {"default": certs.provider_config()}, None, "test")
+    client = XdsClient(boot)
+    try:
+        ads.serve({CDS: {"good": xs.with_upstream_tls(res.cluster("good"), [REVIEWS]),
+                         "bad": xs.with_upstream_tls(res.cluster("bad"), [REVIEWS], instance="spire")}})
+
+        class Watcher:
+            def __init__(self) -> None:
+                self.values: list = []
+                self.errors: list = []
+
+            def on_resource(self, type_url: str, name: str, value: Any) -> None:
+                self.values.append(value)
+
+            def on_does_not_exist(self, type_url: str, name: str) -> None:
+                pass
+
+            def on_error(self, type_url: str, name: str, reason: str) -> None:
+                self.errors.append(reason)
+
+        good, bad = Watcher(), Watcher()
+        client.start()
+        with client.lock:
+            client.watch(CDS, "good", good)
+            client.watch(CDS, "bad", bad)
+        nack = ads.wait_request(CDS, lambda r: r.HasField("error_detail"), timeout=10)
+        assert "bad" in nack.error_detail.message and "spire" in nack.error_detail.message
+        assert client.resource_status(CDS, "good") == ACKED and client.resource_status(CDS, "bad") == NACKED
+        assert good.values and good.values[-1].tls is not None and bad.errors
+    finally:
+        client.stop()
+        ads.stop()
