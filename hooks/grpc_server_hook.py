@@ -33,8 +33,14 @@ def patch(module: Any) -> str:
     wrapt.wrap_function_wrapper(_server._Server, "add_insecure_port", _add_insecure_port)
     wrapt.wrap_function_wrapper(_server._Server, "add_secure_port", _add_secure_port)
     wrapt.wrap_function_wrapper(_server._Server, "stop", _stop)
+    wrapt.wrap_function_wrapper(_server._Server, "start", _start)
+    wrapt.wrap_function_wrapper(_server._Server, "wait_for_termination", _wait_for_termination)
+    wrapt.wrap_function_wrapper(_server._Server, "add_generic_rpc_handlers", _record("add_generic_rpc_handlers"))
+    if hasattr(_server._Server, "add_registered_method_handlers"):
+        wrapt.wrap_function_wrapper(_server._Server, "add_registered_method_handlers",
+                                    _record("add_registered_method_handlers"))
     mark_patched(_server._Server)
-    return "grpc.server: ports follow the mesh's inbound listeners (mTLS, RBAC)"
+    return "grpc.server: ports follow the mesh's inbound listeners (mTLS, RBAC, live mode switches)"
 
 
 def patch_aio(aio: Any) -> str:
@@ -83,6 +89,8 @@ def _managed_server(wrapped: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any],
         return wrapped(*args, **kwargs)
     server = wrapped(**bound)
     setattr(server, _ATTR, managed)
+    if kind == "sync":
+        _enable_live_switch(server, managed, wrapped, bound)
     from meshpatch.security.server import register
 
     register(managed)
@@ -120,6 +128,7 @@ def _add_insecure_port(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwarg
         safety.internal_error("hooks.grpc_server.bind", exc)
         return wrapped(*args, **kwargs)
     if plan is None:  # unix sockets etc.: not in the mesh
+        _binds(managed).append((address, None))
         return wrapped(*args, **kwargs)
     joined, port, watch = plan
     chain = watch.chain if watch.state == mesh_server.MESH else None
@@ -138,13 +147,149 @@ def _add_secure_port(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs:
     """The app's own TLS port: untouched, but noted (mesh RBAC reaches its calls too)."""
     managed = getattr(instance, _ATTR, None)
     if managed is not None and not is_suppressed():
-        managed.note_other_port(_address_arg(args, kwargs))
+        address = _address_arg(args, kwargs)
+        managed.note_other_port(address)
+        _binds(managed).append((address, args[1] if len(args) > 1 else kwargs["server_credentials"]))
     return wrapped(*args, **kwargs)
 
 
 def _stop(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    managed = getattr(instance, _ATTR, None)
     _close(instance)
-    return wrapped(*args, **kwargs)
+    if managed is None:
+        return wrapped(*args, **kwargs)
+    with managed.swap_lock:  # not in the middle of a live switch
+        return wrapped(*args, **kwargs)
+
+
+# -- live mode switches (sync servers) -----------------------------------------------------
+
+#: Seconds the replaced server lets calls on its connections finish
+#: (``MESHPATCH_SERVER_DRAIN_GRACE``).
+DRAIN_GRACE = 10.0
+
+
+def _drain_grace() -> float:
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get("MESHPATCH_SERVER_DRAIN_GRACE", DRAIN_GRACE)))
+    except ValueError:
+        return DRAIN_GRACE
+
+
+def _binds(managed: Any) -> Any:
+    binds = getattr(managed, "other_binds", None)
+    if binds is None:
+        binds = managed.other_binds = []
+    return binds
+
+
+def _enable_live_switch(server: Any, managed: Any, factory: Any, bound: Dict[str, Any]) -> None:
+    import threading
+    import weakref
+
+    managed.factory = factory
+    managed.factory_args = dict(bound)
+    managed.registrations = []
+    managed.swap_lock = threading.RLock()
+    managed.started = False
+    ref = weakref.ref(server)
+    managed.on_mode_change = lambda: _switch(ref, managed)
+
+
+def _record(method: str) -> Callable[..., Any]:
+    """Handler registrations are replayed on the server a live switch brings in."""
+
+    def wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        managed = getattr(instance, _ATTR, None)
+        if managed is not None and hasattr(managed, "registrations"):
+            managed.registrations.append((method, args, kwargs))
+        return wrapped(*args, **kwargs)
+
+    return wrapper
+
+
+def _start(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    managed = getattr(instance, _ATTR, None)
+    if managed is None or not hasattr(managed, "swap_lock"):
+        return wrapped(*args, **kwargs)
+    with managed.swap_lock:
+        result = wrapped(*args, **kwargs)
+        managed.started = True
+    return result
+
+
+def _wait_for_termination(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """A live switch ends the server state the app was waiting on; keep waiting
+    on the one that replaced it."""
+    managed = getattr(instance, _ATTR, None)
+    if managed is None:
+        return wrapped(*args, **kwargs)
+    import time
+
+    timeout = args[0] if args else kwargs.get("timeout")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = instance._state
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        done = wrapped(left)
+        if instance._state is state or (deadline is not None and time.monotonic() >= deadline):
+            return done
+
+
+def _switch(ref: Any, managed: Any) -> None:
+    """Re-bind every port of a running sync server in its current mesh mode."""
+    from meshpatch.security import server as mesh_server
+
+    instance = ref()
+    if instance is None:
+        return
+    with managed.swap_lock:
+        watches = list(managed.ports.values())
+        if managed._closed or not any(w.restart_needed for w in watches):
+            return
+        fresh = None
+        try:
+            with suppressed():
+                fresh = managed.factory(**managed.factory_args)
+                for method, args, kwargs in managed.registrations:
+                    getattr(fresh, method)(*args, **kwargs)
+                modes = []
+                for watch in watches:
+                    chain = watch.chain if watch.state == mesh_server.MESH else None
+                    if chain is not None and chain.tls is not None:
+                        fresh.add_secure_port(watch.address, mesh_server.dynamic_server_credentials(chain.tls))
+                        modes.append((watch, True))
+                    else:
+                        fresh.add_insecure_port(watch.address)
+                        modes.append((watch, False))
+                for address, credentials in _binds(managed):
+                    if credentials is None:
+                        fresh.add_insecure_port(address)
+                    else:
+                        fresh.add_secure_port(address, credentials)
+                if managed.started:
+                    fresh.start()
+        except Exception as exc:  # e.g. the app disabled SO_REUSEPORT: the port is taken
+            if fresh is not None:
+                fresh.stop(None)
+            import logging
+
+            logging.getLogger("meshpatch.security").warning(
+                "meshpatch: cannot re-bind the gRPC server for the new mesh mode (%s); it applies after a restart", exc)
+            return
+        instance._state, fresh._state = fresh._state, instance._state
+        for watch, mtls in modes:
+            watch.bound_mtls = mtls
+        managed.switches += 1
+        fresh.stop(_drain_grace())  # the old listeners close now; their connections drain
+    import logging
+
+    logging.getLogger("meshpatch.security").info(
+        "meshpatch: gRPC server re-bound for the new mesh mode: %s",
+        ", ".join(f"{w.address} {'mTLS' if m else 'plaintext'}" for w, m in modes))
+    managed.changed()
 
 
 async def _aio_stop(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:

@@ -83,7 +83,7 @@ def mesh_yaml(port: int, mode: str = "STRICT") -> str:
 
 
 SERVER_APP = """
-import json, os, sys
+import json, os, sys, threading
 from concurrent import futures
 import grpc
 
@@ -99,11 +99,14 @@ server = grpc.server(futures.ThreadPoolExecutor(8))
 server.add_generic_rpc_handlers((handler,))
 bound = server.add_insecure_port(os.environ["SERVER_ADDRESS"])
 server.start()
+waiter = threading.Thread(target=server.wait_for_termination, daemon=True)  # what a main thread would do
+waiter.start()
 print("READY", bound, flush=True)
 for line in sys.stdin:
     if line.strip() == "status":
         from meshpatch.security import rbac, server as mesh_server
-        print("STATUS " + json.dumps({"rbac": rbac.COUNTERS.snapshot(), "servers": mesh_server.status()}), flush=True)
+        print("STATUS " + json.dumps({"rbac": rbac.COUNTERS.snapshot(), "servers": mesh_server.status(),
+                                      "waiting": waiter.is_alive()}), flush=True)
 server.stop(None)
 """
 
@@ -184,7 +187,8 @@ class Mesh:
         return env
 
     def server(self, code: str = SERVER_APP) -> LongApp:
-        app = LongApp(textwrap.dedent(code), self.env("server", SERVER_ADDRESS=f"{SERVER_IP}:{self.port}"))
+        app = LongApp(textwrap.dedent(code), self.env("server", SERVER_ADDRESS=f"{SERVER_IP}:{self.port}",
+                                                      MESHPATCH_SERVER_DRAIN_GRACE="0.2"))
         try:
             app.wait_for("READY")
         except BaseException:
@@ -301,18 +305,48 @@ def test_server_certificate_rotation_under_load(mesh: Mesh) -> None:
     assert result["failed"] == 0 and result["ok"] > 20, result
 
 
-def test_disable_means_plaintext_and_a_mode_change_is_reported(mesh: Mesh) -> None:
-    with mesh.server() as strict_server:
-        mesh.cp.write(mesh_yaml(mesh.port, mode="DISABLE"))
-        time.sleep(0.3)
-        strict_server.send("status")
-        port = strict_server.json("STATUS")["servers"][0]["ports"][0]
-        assert port["restart_needed"] and port["bound_mtls"] and not port["mtls"], port
-    try:
-        with mesh.server() as plain_server:  # a restart applies DISABLE
-            assert plaintext_call(mesh.port) == "OK"
-            plain_server.send("status")
-            counters = plain_server.json("STATUS")["rbac"]
-        assert sum(counters["allowed"].values()) == 1, counters  # the plaintext caller passed RBAC (notPrincipals *)
-    finally:
-        mesh.cp.write(mesh_yaml(mesh.port))
+DRAIN_WAIT = 0.5  # the test servers drain replaced listeners for 0.2 s (MESHPATCH_SERVER_DRAIN_GRACE)
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_mode_switches_apply_to_new_connections_without_restart(mesh: Mesh) -> None:
+    """STRICT → DISABLE → STRICT on a running sync server: each change applies to
+    new connections within moments; the app's server object and its
+    wait_for_termination() carry on."""
+    with mesh.server() as server:
+        assert plaintext_call(mesh.port) == "UNAVAILABLE"
+        try:
+            mesh.cp.write(mesh_yaml(mesh.port, mode="DISABLE"))
+            assert wait_until(lambda: plaintext_call(mesh.port) == "OK"), "plaintext never accepted after DISABLE"
+            assert mesh.call("client")["unary"] == {"peer": [], "tls": ["insecure"]}  # the mesh client follows CDS
+        finally:
+            mesh.cp.write(mesh_yaml(mesh.port))
+        assert wait_until(lambda: plaintext_call(mesh.port) == "UNAVAILABLE"), "plaintext still accepted after STRICT"
+        assert mesh.call("client")["unary"] == {"peer": [CLIENT_ID], "tls": ["ssl"]}
+        time.sleep(DRAIN_WAIT)  # the replaced servers have terminated by now
+        server.send("status")
+        status = server.json("STATUS")
+    assert status["servers"][0]["live_switches"] == 2 and not status["servers"][0]["ports"][0]["restart_needed"], status
+    assert status["waiting"]  # the app's wait_for_termination() did not return when a replaced server ended
+
+
+
+
+def test_aio_server_reports_a_mode_change_for_restart(mesh: Mesh) -> None:
+    with mesh.server(AIO_SERVER_APP) as server:
+        try:
+            mesh.cp.write(mesh_yaml(mesh.port, mode="DISABLE"))
+            time.sleep(0.3)
+            server.send("status")
+            port = server.json("STATUS")["servers"][0]["ports"][0]
+        finally:
+            mesh.cp.write(mesh_yaml(mesh.port))
+    assert port["restart_needed"] and port["bound_mtls"] and not port["mtls"], port

@@ -21,6 +21,7 @@ trusts only the mesh CA whatever a library tries.
 
 from __future__ import annotations
 
+import os
 import ssl
 import threading
 from typing import Any, Dict, Optional, Tuple
@@ -179,6 +180,17 @@ def client_tls(tls: UpstreamTls) -> ClientTls:
             entry = ClientTls(tls, identity, ca)
             _cache[tls.key] = entry
     return entry
+
+
+def _after_fork_in_child() -> None:
+    global _cache_lock
+    _cache_lock = threading.Lock()
+    for entry in list(_cache.values()):
+        entry._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def of_pick(pick: Any) -> Optional[ClientTls]:

@@ -87,7 +87,6 @@ class LocalXds:
         self._server: Any = None
         self._dir: Optional[str] = None
         self.address = ""
-        self._bootstrap: Optional[str] = None
         self.nacks: Dict[str, str] = {}  # resource type → last NACK from grpc-core
         self.streams_opened = 0
 
@@ -127,15 +126,14 @@ class LocalXds:
     def bootstrap(self) -> str:
         """The bootstrap JSON grpc-core gets for the channels using this server."""
         self.start()
-        text = self._bootstrap
-        if text is None:
-            text = self._bootstrap = json.dumps({
-                "xds_servers": [{"server_uri": self.address, "channel_creds": [{"type": "insecure"}],
-                                 "server_features": ["xds_v3"]}],
-                "node": {"id": f"meshpatch-local~{os.getpid()}", "metadata": {"GENERATOR": "grpc"}},
-                "certificate_providers": providers.bootstrap_section(poll_cap=CERT_POLL),
-            }, sort_keys=True)
-        return text
+        # Rebuilt each time (cheap, once per new sub-channel): the providers may
+        # have been reconfigured since.
+        return json.dumps({
+            "xds_servers": [{"server_uri": self.address, "channel_creds": [{"type": "insecure"}],
+                             "server_features": ["xds_v3"]}],
+            "node": {"id": f"meshpatch-local~{os.getpid()}", "metadata": {"GENERATOR": "grpc"}},
+            "certificate_providers": providers.bootstrap_section(poll_cap=CERT_POLL),
+        }, sort_keys=True)
 
     # -- resources -------------------------------------------------------------
 

@@ -324,6 +324,16 @@ def bootstrap_section(poll_cap: Optional[float] = None) -> Dict[str, Any]:
     return out
 
 
+def _after_fork_in_child() -> None:
+    # A lock held by a thread that does not exist in the child would never be released.
+    for provider in list(_providers.values()):
+        provider._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def status() -> Dict[str, Any]:
     out: Dict[str, Any] = {name: p.status() for name, p in _providers.items()}
     for name, reason in _problems.items():

@@ -32,8 +32,13 @@ switch plaintext/mTLS per connection?  With grpcio 1.85 it aborts the process
 (``pipe.h:85 Check failed: has_value()``) whenever the Python server sends a
 trailers-only response — ``context.abort``, an exception in a handler, an
 unknown method, the concurrency limit — i.e. any client could crash the app.
-So the mode is fixed when the port is bound; a later mode change is logged,
-shown in the status and applies after a restart.
+So for each port the mode is fixed in its binding, and a change of mode is a
+re-binding: a sync ``grpc.server`` is given a fresh grpc-core server with the
+same handlers, interceptors and thread pool, bound in the new mode next to the
+old one (SO_REUSEPORT), started, swapped in under the app's server object, and
+the old one is stopped with a drain grace — new connections get the new mode
+at once, connections already open finish their calls (gRPC A36 drains them
+too).  ``grpc.aio`` servers log the change; it applies after a restart.
 """
 
 from __future__ import annotations
@@ -207,6 +212,10 @@ class ManagedServer:
         self.rbac_state = NO_RBAC
         self._lock = threading.RLock()
         self._closed = False
+        # Live mode switches (sync servers; set up by hooks.grpc_server_hook):
+        # called with no lock held when a port's mesh mode differs from its binding.
+        self.on_mode_change: Any = None
+        self.switches = 0
 
     def bind_plan(self, address: str) -> Optional[Tuple[str, int, PortWatch]]:
         """For an ``add_insecure_port`` address: (address to bind, port, watch)
@@ -281,12 +290,16 @@ class ManagedServer:
             if self._closed:
                 return
             watches = list(self.ports.values())
-            for watch in watches:
-                if watch.restart_needed:
-                    log.warning("meshpatch: gRPC server port %s: the mesh now says %s but the port is bound %s; "
-                                "the new mode applies after a restart", watch.address,
-                                "mTLS" if watch.mtls else "plaintext",
-                                "with mTLS" if watch.bound_mtls else "plaintext")
+            switch = any(w.restart_needed for w in watches)
+            if switch and self.on_mode_change is None:
+                for watch in watches:
+                    if watch.restart_needed:
+                        log.warning("meshpatch: gRPC server port %s: the mesh now says %s but the port is bound %s; "
+                                    "the new mode applies after a restart", watch.address,
+                                    "mTLS" if watch.mtls else "plaintext",
+                                    "with mTLS" if watch.bound_mtls else "plaintext")
+            elif switch:
+                threading.Thread(target=self.on_mode_change, name="meshpatch-server-switch", daemon=True).start()
             sets = []
             seen = set()
             for watch in watches:
@@ -304,7 +317,7 @@ class ManagedServer:
 
     def describe(self) -> Dict[str, Any]:
         return {"kind": self.kind, "ports": [w.describe() for w in self.ports.values()],
-                "other_ports": list(self.other_ports)}
+                "other_ports": list(self.other_ports), "live_switches": self.switches}
 
 
 # -- server credentials (mTLS with rotation) -------------------------------------------------
