@@ -133,8 +133,10 @@ async def main(started):
 threading.Thread(target=lambda: asyncio.run(main(None)), daemon=True).start()
 for line in sys.stdin:
     if line.strip() == "status":
-        from meshpatch.security import rbac, server as mesh_server
-        print("STATUS " + json.dumps({"rbac": rbac.COUNTERS.snapshot(), "servers": mesh_server.status()}), flush=True)
+        import meshpatch.security
+        status = meshpatch.security.status()
+        print("STATUS " + json.dumps({"rbac": status["rbac"], "servers": status["servers"],
+                                      "providers": status["certificate_providers"]}), flush=True)
 """
 
 CLIENT_APP = f"""
@@ -251,6 +253,8 @@ def test_strict_server_mtls_rbac_and_counting(mesh: Mesh, kind: str) -> None:
     assert {d[1] for d in counters["last_denied"]} == {UNARY, SECRET}
     port = status["servers"][0]["ports"][0]
     assert port["state"] == "mesh" and port["mtls"] and port["bound_mtls"], port
+    if kind == "aio":  # meshpatch.security.status(): the workload certificate as loaded
+        assert status["providers"]["default"]["generation"] >= 1 and not status["providers"]["default"]["last_error"]
 
 
 def test_grpcio_native_xds_client_talks_to_the_managed_server(mesh: Mesh) -> None:

@@ -13,3 +13,25 @@
 
 Nothing here is imported at interpreter start.
 """
+
+
+def status() -> dict:
+    """Certificate providers (generations, reloads, errors), managed gRPC server
+    ports (mesh state, bound mode, restart-needed) and RBAC counters — for
+    status output and telemetry.  Imports nothing that is not loaded yet."""
+    import sys
+
+    out: dict = {}
+    providers = sys.modules.get("meshpatch.security.providers")
+    if providers is not None:
+        out["certificate_providers"] = providers.status()  # type: ignore[attr-defined]
+    server = sys.modules.get("meshpatch.security.server")
+    if server is not None:
+        out["servers"] = server.status()  # type: ignore[attr-defined]
+    rbac = sys.modules.get("meshpatch.security.rbac")
+    if rbac is not None:
+        out["rbac"] = rbac.COUNTERS.snapshot()  # type: ignore[attr-defined]
+    local = sys.modules.get("meshpatch.security.local_xds")
+    if local is not None and local._local is not None:  # type: ignore[attr-defined]
+        out["local_xds"] = {"streams_opened": local._local.streams_opened, "nacks": dict(local._local.nacks)}  # type: ignore[attr-defined]
+    return out
