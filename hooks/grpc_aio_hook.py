@@ -41,9 +41,9 @@ def patch(aio: Any) -> str:
     wrapt.wrap_function_wrapper(aio, "insecure_channel", _insecure_channel_wrapper)
     wrapt.wrap_function_wrapper(aio, "secure_channel", _secure_channel_wrapper)
     mark_patched(aio)
-    from . import grpc_server_hook
+    from . import grpc_server_security
 
-    return "grpc.aio: insecure_channel/secure_channel routed per RPC; " + grpc_server_hook.patch_aio(aio)
+    return "grpc.aio: insecure_channel/secure_channel routed per RPC; " + grpc_server_security.patch_aio(aio)
 
 
 def _plan(target: Any) -> Optional[MeshTarget]:

@@ -45,9 +45,9 @@ def patch(module: Any) -> str:
         wrapt.wrap_function_wrapper(module, "secure_channel", _secure_channel_wrapper)
         mark_patched(module)
         details.append(f"grpc {getattr(module, '__version__', '?')}: insecure_channel/secure_channel routed per RPC")
-        from . import grpc_server_hook
+        from . import grpc_server_security
 
-        details.append(grpc_server_hook.patch(module))
+        details.append(grpc_server_security.patch(module))
     aio = getattr(module, "aio", None)
     if aio is not None:
         from . import grpc_aio_hook

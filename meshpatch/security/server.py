@@ -212,7 +212,7 @@ class ManagedServer:
         self.rbac_state = NO_RBAC
         self._lock = threading.RLock()
         self._closed = False
-        # Live mode switches (sync servers; set up by hooks.grpc_server_hook):
+        # Live mode switches (sync servers; set up by hooks.grpc_server_security):
         # called with no lock held when a port's mesh mode differs from its binding.
         self.on_mode_change: Any = None
         self.switches = 0

@@ -1,4 +1,4 @@
-"""grpc servers: mesh mTLS and RBAC for the ports an app binds.
+"""grpc servers: mesh mTLS and RBAC for the ports an app binds (security; lanes are grpc_server_hook).
 
 Patched from :mod:`grpc_hook` / :mod:`grpc_aio_hook` when the app imports
 grpc / grpc.aio.  ``grpc.server(...)`` and ``grpc.aio.server(...)`` get
