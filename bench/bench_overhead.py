@@ -115,16 +115,27 @@ def start_control_plane(config_dir: Path, http_port: int, grpc_port: int) -> tup
     raise SystemExit("control plane did not start: " + (proc.stderr.read() if proc.stderr else ""))
 
 
-def run_client(mesh: bool, url: str, target: str, calls: int, xds: str) -> dict:
+def run_client(mode: str, url: str, target: str, calls: int, xds: str, hosts_file: str = "") -> dict:
+    """mode: ``direct`` (by IP), ``name`` (by mesh name, resolved by the system
+    through a private /etc/hosts: what the app pays without meshpatch), ``mesh``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHPATCH_", "GRPC_XDS"))}
     cmd = [str(BIN / "python"), str(ROOT / "bench" / "_client.py"), url, target, str(calls)]
-    if mesh:
+    if mode == "mesh":
         env["MESHPATCH_XDS_SERVER"] = xds
         cmd = [str(BIN / "meshpatch-run")] + cmd
+    elif mode == "name":
+        script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+        cmd = ["unshare", "-m", "sh", "-c", script, hosts_file] + cmd
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
-        raise SystemExit(f"client failed ({'mesh' if mesh else 'direct'}):\n{out.stderr}")
+        raise SystemExit(f"client failed ({mode}):\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def name_resolution_works(hosts_file: str) -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && getent hosts ' + MESH_HOST, hosts_file],
+                           capture_output=True, text=True)
+    return probe.returncode == 0 and ENDPOINT_IP in probe.stdout
 
 
 def startup_ms(pythons: dict, runs: int) -> dict:
@@ -170,22 +181,37 @@ def main() -> None:
         try:
             direct_url, direct_target = f"http://{ENDPOINT_IP}:{http_port}/r", f"{ENDPOINT_IP}:{grpc_port}"
             mesh_url, mesh_target = f"http://{MESH_HOST}:80/r", f"{MESH_HOST}:7070"
-            rounds = {"direct": [], "mesh": []}
+            hosts_file = str(Path(tmp) / "hosts")
+            Path(hosts_file).write_text(f"127.0.0.1 localhost\n{ENDPOINT_IP} {MESH_HOST}\n")
+            modes = ["direct", "mesh"] + (["name"] if name_resolution_works(hosts_file) else [])
+            urls = {"direct": (direct_url, direct_target), "mesh": (mesh_url, mesh_target),
+                    "name": (f"http://{MESH_HOST}:{http_port}/r", f"{MESH_HOST}:{grpc_port}")}
+            rounds: dict = {mode: [] for mode in modes}
             for _ in range(args.rounds):
-                rounds["direct"].append(run_client(False, direct_url, direct_target, args.calls, xds))
-                rounds["mesh"].append(run_client(True, mesh_url, mesh_target, args.calls, xds))
+                for mode in modes:
+                    url, target = urls[mode]
+                    rounds[mode].append(run_client(mode, url, target, args.calls, xds, hosts_file))
         finally:
             cp.terminate()
             cp.wait(10)
     http_server.shutdown()
     grpc_server.stop(None)
 
-    print(f"latency per call, loopback, keep-alive, median of {args.rounds} rounds x {args.calls} calls")
-    print(f"  {'library':9} {'direct us':>10} {'meshpatch us':>13} {'added us':>9} {'added %':>8}")
+    print(f"latency per call, loopback, keep-alive, median of {args.rounds} rounds x {args.calls} calls (microseconds)")
+    has_name = "name" in rounds
+    header = f"  {'library':9} {'direct IP':>10} " + (f"{'by name':>9} " if has_name else "") + f"{'meshpatch':>10} {'added vs IP':>12}"
+    print(header + (f" {'added vs name':>14}" if has_name else ""))
     for lib in ("requests", "httpx", "grpc"):
-        d = statistics.median(r[lib]["median"] for r in rounds["direct"])
-        m = statistics.median(r[lib]["median"] for r in rounds["mesh"])
-        print(f"  {lib:9} {d:10.1f} {m:13.1f} {m - d:9.1f} {100 * (m - d) / d:7.1f}%")
+        med = {mode: statistics.median(r[lib]["median"] for r in rounds[mode]) for mode in rounds}
+        d, m = med["direct"], med["mesh"]
+        line = f"  {lib:9} {d:10.1f} " + (f"{med['name']:9.1f} " if has_name else "") + f"{m:10.1f} {m - d:+8.1f} ({100 * (m - d) / d:+.1f}%)"
+        if has_name:
+            n = med["name"]
+            line += f" {m - n:+8.1f} ({100 * (m - n) / n:+.1f}%)"
+        print(line)
+    if has_name:
+        print("  (by name = the same unmodified client calling the mesh hostname resolved by the system; the mesh column")
+        print("   adds meshpatch routing on top of exactly that, so 'added vs name' is meshpatch's own cost)")
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHPATCH_", "GRPC_XDS", "PYTHONPATH"))}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,13 +1,22 @@
-"""The demo's core: a local mesh, a canary split, and a live change of it.
+"""The demo's core: a local mesh, a canary split, a live change of it, and registries.
 
 It starts meshpatch's local control plane on the Istio YAML in demo/mesh/,
 two versions of the `reviews` service on 127.0.0.2 (v1) and 127.0.0.3 (v2),
 and the unmodified client app under `meshpatch-run`.  The client reports the
 split it sees per library (20/80 from the VirtualService); then the
 VirtualService is rewritten to 80/20 while everything keeps running, and the
-same client process reports the new split.  The demo checks both splits
-itself and exits non-zero when one is off by more than the tolerance, so it
-doubles as the end-to-end test (tests/test_demo.py).
+same client process reports the new split.
+
+Then the registry step: a real ZooKeeper (Debian's package) runs next to the
+mesh, and the same client calls two more services by name: `ratings`, which
+lives only in ZooKeeper (two Dubbo providers, 127.0.0.4 v1 and 127.0.0.5 v2,
+round robin), and `details`, whose v1 is a ZooKeeper provider (127.0.0.6) and
+whose v2 is in the mesh (127.0.0.7), split 30/70 by a VirtualService over
+DestinationRule subsets that select the ZooKeeper instance by its labels.
+
+The demo checks every split itself and exits non-zero when one is off by
+more than the tolerance, so it doubles as the end-to-end test
+(tests/test_demo.py).
 
 Run it through `bash demo/run.sh` (sets up the venv and a loopback-only
 network namespace); directly, it uses the interpreter it runs under:
@@ -35,6 +44,9 @@ from typing import IO, Callable, Optional
 
 DEMO_DIR = Path(__file__).resolve().parent
 MESH_DIR = DEMO_DIR / "mesh"
+sys.path.insert(0, str(DEMO_DIR.parent))  # tests.support.registries: starts Debian's ZooKeeper
+from tests.support.registries import ZooKeeperServer, zookeeper_missing  # noqa: E402
+
 VIRTUAL_SERVICE = "reviews-virtualservice.yaml"
 LIBRARIES = ("requests", "httpx", "grpc")
 PODS = (("v1", "127.0.0.2"), ("v2", "127.0.0.3"))
@@ -42,6 +54,19 @@ HTTP_PORT, GRPC_PORT = 9080, 7070
 SPLIT_LINE = re.compile(
     r"^\s*(?P<lib>\w+)\s+v1\s+(?P<v1>[\d.]+)%\s+v2\s+(?P<v2>[\d.]+)%\s+\((?P<calls>\d+) calls\)(?P<rest>.*)$"
 )
+REGISTRY_LINE = re.compile(
+    r"^\s*(?P<svc>ratings|details)\s+(?P<lib>\w+)\s+v1\s+(?P<v1>[\d.]+)%\s+v2\s+(?P<v2>[\d.]+)%\s+"
+    r"\((?P<calls>\d+) calls\)(?P<rest>.*)$"
+)
+#: The registry step's pods: (service, version, address, Dubbo interface or None = mesh only).
+REGISTRY_PODS = (
+    ("ratings", "v1", "127.0.0.4", "demo.Ratings"),
+    ("ratings", "v2", "127.0.0.5", "demo.Ratings"),
+    ("details", "v1", "127.0.0.6", "demo.Details"),
+    ("details", "v2", "127.0.0.7", None),
+)
+ALIASES = "demo.Ratings=ratings,demo.Details=details.default.svc.cluster.local"
+REGISTRY_WANT = {"ratings": (50, 50), "details": (30, 70)}
 
 
 class DemoFailed(Exception):
@@ -203,6 +228,34 @@ def read_round(lines: "queue.Queue[Optional[str]]", echo: Callable[[str], None],
     return splits
 
 
+def read_registry_round(lines: "queue.Queue[Optional[str]]", echo: Callable[[str], None],
+                        deadline: float) -> dict[tuple[str, str], tuple[float, float, str]]:
+    """The registry round: {(service, library): (v1 %, v2 %, rest)}."""
+    splits: dict[tuple[str, str], tuple[float, float, str]] = {}
+    while len(splits) < len(REGISTRY_WANT) * len(LIBRARIES):
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise DemoFailed("the client took too long") from None
+        if line is None:
+            raise DemoFailed("the client exited before reporting every service")
+        if line.startswith("waiting for Enter"):
+            continue
+        echo(line)
+        match = REGISTRY_LINE.match(line)
+        if match:
+            splits[(match["svc"], match["lib"])] = (float(match["v1"]), float(match["v2"]), match["rest"].strip())
+    return splits
+
+
+def check_registry(splits: dict[tuple[str, str], tuple[float, float, str]], tolerance: float) -> list[str]:
+    problems = []
+    for service, want in REGISTRY_WANT.items():
+        per_library = {lib: splits[(service, lib)] for lib in LIBRARIES if (service, lib) in splits}
+        problems += [f"{service} {p}" for p in check(per_library, want, tolerance)]
+    return problems
+
+
 def pump_lines(stream: IO[str]) -> "queue.Queue[Optional[str]]":
     """Lines of a child's output on a queue (None at EOF), so reads can time out."""
     lines: "queue.Queue[Optional[str]]" = queue.Queue()
@@ -238,10 +291,18 @@ def run_demo(calls: int, tolerance: float, bin_dir: Path, time_budget: float) ->
         if not os.access(exe, os.X_OK):
             raise DemoFailed(f"{exe} not found: install meshpatch into that venv (bash demo/run.sh does)")
 
+    missing = zookeeper_missing()
+    if missing:
+        raise DemoFailed(f"ZooKeeper is needed for the registry step: {missing} (bash demo/run.sh installs it)")
+
     procs = Processes()
     work = Path(tempfile.mkdtemp(prefix="meshpatch-demo-"))
     cp_log: Optional[LogTail] = None
+    zookeeper: Optional[ZooKeeperServer] = None
     try:
+        zookeeper = ZooKeeperServer()
+        say(f"ZooKeeper (Debian's zookeeper package) on {zookeeper.address}: the service registry of the not-yet-mesh services")
+        zookeeper.start(timeout=max(5.0, deadline - time.monotonic()), preexec_fn=_die_with_parent)
         mesh = work / "mesh"
         shutil.copytree(MESH_DIR, mesh)  # the live edit changes a copy, never the repo
         port = free_port()
@@ -269,6 +330,17 @@ def run_demo(calls: int, tolerance: float, bin_dir: Path, time_budget: float) ->
             )
             wait_for_port(address, HTTP_PORT, deadline, svc, f"reviews {version}")
             wait_for_port(address, GRPC_PORT, deadline, svc, f"reviews {version}")
+        for service, version, address, interface in REGISTRY_PODS:
+            where = f"registered in ZooKeeper as Dubbo provider {interface}" if interface else "in the mesh (ServiceEntry)"
+            say(f"service {service} {version} on {address}: {where}")
+            argv = [sys.executable, str(DEMO_DIR / "service.py"), "--version", version, "--address", address,
+                    "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT)]
+            if interface:
+                argv += ["--zookeeper", zookeeper.address, "--dubbo-interface", interface]
+            svc = procs.start(f"{service}-{version}", argv, plain_env(), stdout=subprocess.PIPE, text=True)
+            assert svc.stdout is not None
+            if "ready" not in svc.stdout.readline():  # printed after the ZooKeeper registration
+                raise DemoFailed(f"service {service} {version} did not start (exit {svc.poll()})")
         wait_for_port("127.0.0.1", port, deadline, cp, "the control plane")
 
         env = plain_env()
@@ -277,10 +349,15 @@ def run_demo(calls: int, tolerance: float, bin_dir: Path, time_budget: float) ->
         # A loaded 2-core CI box can take more than the default 1 s for the
         # first LDS→RDS→CDS→EDS round; give the first call more time.
         env["MESHPATCH_RESOLVE_TIMEOUT"] = "5"
-        say(f"client: MESHPATCH_XDS_SERVER=127.0.0.1:{port} meshpatch-run python demo/client.py --calls {calls} --rounds 2")
+        env["MESHPATCH_REGISTRY"] = f"zookeeper://{zookeeper.address}/dubbo"
+        env["MESHPATCH_REGISTRY_ALIASES"] = ALIASES
+        say(f"client: MESHPATCH_XDS_SERVER=127.0.0.1:{port} MESHPATCH_REGISTRY={env['MESHPATCH_REGISTRY']} "
+            f"MESHPATCH_REGISTRY_ALIASES={ALIASES}")
+        say(f"        meshpatch-run python demo/client.py --calls {calls} --rounds 2 --registry-round")
         client = procs.start(
             "client",
-            [str(meshpatch_run), "python", str(DEMO_DIR / "client.py"), "--calls", str(calls), "--rounds", "2"],
+            [str(meshpatch_run), "python", str(DEMO_DIR / "client.py"), "--calls", str(calls), "--rounds", "2",
+             "--registry-round"],
             env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -307,8 +384,15 @@ def run_demo(calls: int, tolerance: float, bin_dir: Path, time_budget: float) ->
         client.stdin.write("\n")
         client.stdin.flush()
         second = read_round(client_lines, echo, deadline)
-        client.stdin.close()
         problems += [f"round 2: {p}" for p in check(second, (80, 20), tolerance)]
+
+        say("round 3, registries: ratings lives only in ZooKeeper (no mesh rule: round robin over its 2 providers);")
+        say("         details v1 is in ZooKeeper, v2 in the mesh; its VirtualService says v1 30% / v2 70%")
+        client.stdin.write("\n")
+        client.stdin.flush()
+        third = read_registry_round(client_lines, echo, deadline)
+        client.stdin.close()
+        problems += [f"round 3: {p}" for p in check_registry(third, tolerance)]
         try:
             if client.wait(timeout=max(1.0, deadline - time.monotonic())) != 0:
                 problems.append(f"client exited with code {client.returncode}")
@@ -320,6 +404,9 @@ def run_demo(calls: int, tolerance: float, bin_dir: Path, time_budget: float) ->
 
         say(f"before the edit (want 20/80): {summary(first)}")
         say(f"after the edit  (want 80/20): {summary(second)}")
+        for service, want in REGISTRY_WANT.items():
+            say(f"{service:<7} (want {want[0]}/{want[1]}): " + ", ".join(
+                f"{lib} {third[(service, lib)][0]:.1f}/{third[(service, lib)][1]:.1f}" for lib in LIBRARIES if (service, lib) in third))
         if problems:
             raise DemoFailed("splits off:\n  " + "\n  ".join(problems))
         say(f"demo OK: every split within ±{tolerance:g} points ({time.monotonic() - started:.1f} s)")
@@ -329,6 +416,8 @@ def run_demo(calls: int, tolerance: float, bin_dir: Path, time_budget: float) ->
         raise
     finally:
         procs.stop_all()
+        if zookeeper is not None:
+            zookeeper.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo: sets up the venv (as tests/run.sh does), then runs demo/demo.py
+# The demo: sets up the venv and ZooKeeper (as tests/run.sh does), then runs demo/demo.py
 # inside a loopback-only network namespace, because the client calls mesh
 # names (reviews.default.svc.cluster.local) that must never reach real DNS.
 #
@@ -9,6 +9,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../tests/_venv.sh"
 cd "$REPO_ROOT"
 mp_ensure_venv
+mp_ensure_debs "$MP_ZOOKEEPER_DEB"  # the registry step runs Debian's ZooKeeper (as tests/run.sh installs it)
 
 # demo.py stops its own processes (and they die with it); the trap covers an
 # interrupt that arrives while it is still starting.

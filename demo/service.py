@@ -6,6 +6,12 @@ version, so the client can count where the mesh sent each request.  gRPC uses
 a generic handler with raw bytes, so there is no generated code to keep.
 
     python demo/service.py --version v1 --address 127.0.0.2
+
+With ``--zookeeper HOST:PORT --dubbo-interface NAME`` it also registers itself
+in ZooKeeper the way a Dubbo provider does (an ephemeral node per protocol
+under ``/dubbo/<interface>/providers``, URL parameters such as ``version``),
+and deregisters when it stops: a service that lives in a registry, not in
+the mesh.
 """
 
 from __future__ import annotations
@@ -70,12 +76,32 @@ def make_grpc_server(version: str, address: str, port: int) -> grpc.Server:
     return server
 
 
+def register_dubbo_provider(zookeeper: str, interface: str, version: str, address: str, http_port: int,
+                            grpc_port: int) -> object:
+    """Ephemeral provider nodes, one per protocol; they vanish with the session."""
+    from urllib.parse import quote
+
+    from kazoo.client import KazooClient
+
+    client = KazooClient(hosts=zookeeper, timeout=10.0)
+    client.start(timeout=15)
+    parent = f"/dubbo/{interface}/providers"
+    client.ensure_path(parent)
+    for protocol, port in (("rest", http_port), ("tri", grpc_port)):
+        url = (f"{protocol}://{address}:{port}/{interface}?application=demo-{interface.rsplit('.', 1)[-1].lower()}"
+               f"&interface={interface}&side=provider&version={version}")
+        client.create(f"{parent}/{quote(url, safe='')}", b"", ephemeral=True)
+    return client
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", required=True, help="reply with this version, e.g. v1")
     parser.add_argument("--address", required=True, help="loopback address playing the pod IP, e.g. 127.0.0.2")
     parser.add_argument("--http-port", type=int, default=9080)
     parser.add_argument("--grpc-port", type=int, default=7070)
+    parser.add_argument("--zookeeper", help="also register as a Dubbo provider in this ZooKeeper (host:port)")
+    parser.add_argument("--dubbo-interface", help="the Dubbo interface name to register under, e.g. demo.Ratings")
     args = parser.parse_args(argv)
 
     try:
@@ -89,8 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    registration = None
+    if args.zookeeper and args.dubbo_interface:
+        registration = register_dubbo_provider(args.zookeeper, args.dubbo_interface, args.version, args.address,
+                                               args.http_port, args.grpc_port)
     print(f"service {args.version} ready: http {args.address}:{args.http_port} grpc {args.address}:{args.grpc_port}", flush=True)
     stop.wait()
+    if registration is not None:
+        registration.stop()  # type: ignore[attr-defined]  (ends the session: the provider nodes go)
+        registration.close()  # type: ignore[attr-defined]
     http_server.shutdown()
     grpc_server.stop(grace=0.5).wait()
     return 0

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import grpc
 import grpc.aio
 
-from meshpatch import safety
+from meshpatch import lanes, safety
 from meshpatch.api import MeshError
 
 from . import grpc_hook
@@ -253,6 +253,13 @@ class _Dispatch:
         return pick, rpc
 
     def __call__(self, request: Any = None, **kwargs: Any) -> Any:
+        metadata = kwargs.get("metadata")
+        try:
+            with_lane = lanes.outbound_grpc(metadata)
+            if with_lane is not metadata:
+                kwargs["metadata"] = with_lane
+        except Exception as exc:
+            safety.internal_error("hooks.grpc_aio.lane", exc)
         try:
             call = self._channel._start(self._method, kwargs.get("metadata"))
             if call is None:
@@ -264,6 +271,7 @@ class _Dispatch:
                 fault.done()
                 error = grpc_hook.fault_error(fault)
                 if error is not None:
+                    call.aborted(error.code().name)
                     return FailedAioCall(error.details(), error.code())
             pick, rpc = self._attempt(call, request, kwargs)
         except MeshError as exc:
@@ -278,8 +286,10 @@ def _report_when_done(rpc: Any, pick: Any, call: Any) -> None:
             try:
                 code = await rpc.code()
                 details = await rpc.details() if code != grpc.StatusCode.OK else ""
-                pick.finished(_outcome(code, details))
+                outcome = _outcome(code, details)
+                pick.finished(outcome)
                 call.attempt_finished()
+                call.finish(outcome)
             except Exception as exc:
                 safety.internal_error("hooks.grpc_aio.report", exc)
 
@@ -327,6 +337,7 @@ class _UnaryCall:
                     await asyncio.sleep(fault.delay)
                 error = grpc_hook.fault_error(fault)
                 if error is not None:
+                    call.aborted(error.code().name)
                     self._error = FailedAioCall(error.details(), error.code())._error()
                     raise self._error
             finally:
@@ -346,8 +357,10 @@ class _UnaryCall:
                 error = exc
                 outcome = _outcome(exc.code(), exc.details() or "")
             except BaseException as exc:
-                pick.finished(grpc_hook.outcome_of(exc))
+                outcome = grpc_hook.outcome_of(exc)
+                pick.finished(outcome)
                 call.attempt_finished()
+                call.finish(outcome)
                 raise
             pick.finished(outcome)
             call.attempt_finished()

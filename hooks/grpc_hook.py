@@ -21,8 +21,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import grpc
 
-from meshpatch import safety
+from meshpatch import lanes, safety
 from meshpatch.api import MeshError
+from meshpatch.routing import outcome as oc
+
+_GRPC_OK = oc.Outcome(oc.OK, grpc_status="OK")  # immutable in practice: shared by every successful attempt
 
 from meshpatch.internal import suppressed
 
@@ -281,10 +284,8 @@ def _bounded(timeout: Optional[float], limit: Optional[float]) -> Optional[float
 
 def outcome_of(error: Optional[BaseException]) -> Any:
     """An attempt's Outcome from its gRPC error (None = OK)."""
-    from meshpatch.routing import outcome as oc
-
     if error is None:
-        return oc.Outcome(oc.OK, grpc_status="OK")
+        return _GRPC_OK
     code = getattr(error, "code", None)
     try:
         status = code() if callable(code) else None
@@ -331,8 +332,10 @@ def report_when_done(rpc: Any, pick: Any, call: Any) -> Any:
             code = rpc.code()
             if code is not None and code != grpc.StatusCode.OK:
                 error = rpc
-            pick.finished(outcome_of(error))
+            outcome = outcome_of(error)
+            pick.finished(outcome)
             call.attempt_finished()
+            call.finish(outcome)
         except Exception as exc:
             safety.internal_error("hooks.grpc.report", exc)
 
@@ -370,7 +373,15 @@ class _Dispatch:
         return call
 
     def _prepare(self, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
-        """(routed call or None, pick for a single attempt or None); applies faults."""
+        """(routed call or None, pick for a single attempt or None); applies faults.
+        ``kwargs`` is this call's own dict: the lane goes into its metadata."""
+        metadata = kwargs.get("metadata")
+        try:
+            with_lane = lanes.outbound_grpc(metadata)
+            if with_lane is not metadata:
+                kwargs["metadata"] = with_lane
+        except Exception as exc:
+            safety.internal_error("hooks.grpc.lane", exc)
         call = self._channel._start(self._method, kwargs.get("metadata"))
         if call is None:
             return None, None
@@ -383,6 +394,7 @@ class _Dispatch:
                     time.sleep(fault.delay)
                 error = fault_error(fault)
                 if error is not None:
+                    call.aborted(error.code().name)
                     raise error
             finally:
                 fault.done()
@@ -418,8 +430,10 @@ class _Dispatch:
             except grpc.RpcError as exc:
                 error = exc
             except BaseException as exc:
-                pick.finished(outcome_of(exc))
+                outcome = outcome_of(exc)
+                pick.finished(outcome)
                 call.attempt_finished()
+                call.finish(outcome)
                 raise
             outcome = outcome_of(error)
             pick.finished(outcome)
@@ -446,8 +460,10 @@ class _Dispatch:
         try:
             rpc = target(request, **attempt_kwargs) if how is None else getattr(target, how)(request, **attempt_kwargs)
         except BaseException as exc:
-            pick.finished(outcome_of(exc))
+            outcome = outcome_of(exc)
+            pick.finished(outcome)
             call.attempt_finished()
+            call.finish(outcome)
             raise
         return report_when_done(rpc, pick, call)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-from meshpatch import safety
+from meshpatch import lanes, safety
 from meshpatch.api import MeshError
 
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
@@ -298,6 +298,7 @@ def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: 
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
     try:
+        lanes.outbound_http(request.headers)
         started = _start(request)
         if started is None:
             return wrapped(*args, **kwargs)
@@ -321,6 +322,7 @@ def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: 
             if fault.delay:
                 _time.sleep(fault.delay)
             if fault.abort_http is not None:
+                call.aborted(fault.abort_http)
                 plan.restore(request)
                 return _local_response(request, fault.abort_http, b"fault filter abort")
         finally:
@@ -363,6 +365,7 @@ async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ..
         return await wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
     try:
+        lanes.outbound_http(request.headers)
         started = _start(request)
         if started is None:
             return await wrapped(*args, **kwargs)
@@ -386,6 +389,7 @@ async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ..
             if fault.delay:
                 await asyncio.sleep(fault.delay)
             if fault.abort_http is not None:
+                call.aborted(fault.abort_http)
                 plan.restore(request)
                 return _local_response(request, fault.abort_http, b"fault filter abort")
         finally:

@@ -27,8 +27,12 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-from meshpatch import safety
+import time as _time
+
+from meshpatch import lanes, safety
 from meshpatch.api import MeshError
+from meshpatch.routing.call import apply_header_ops
+from meshpatch.routing.outcome import OK, Outcome
 
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 
@@ -169,6 +173,7 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
     try:
+        lanes.outbound_http(request.headers)
         url = request.url
         started = _start(request, url)
     except MeshError as exc:
@@ -196,41 +201,39 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
 
 def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url: str, router: Any, call: Any,
              scheme: str, host: str, port: Optional[int], path_start: int) -> Any:
-    import time as _time
-
-    from meshpatch.routing.call import apply_header_ops
-    from meshpatch.routing.outcome import Outcome, OK
-
     fault = call.fault()
     if fault is not None:
         try:
             if fault.delay:
                 _time.sleep(fault.delay)
             if fault.abort_http is not None:
+                call.aborted(fault.abort_http)
                 return _local_response(request, url, fault.abort_http, b"fault filter abort")
         finally:
             fault.done()
     headers = request.headers
     saved_headers = None
+    policy = call.policy
     ops = call.header_ops()
     if ops:
         saved_headers = headers.copy()
         apply_header_ops(headers, ops.request_add, ops.request_remove)
-    authority = call.policy.host_rewrite or (host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}")
-    add_host = "Host" not in headers or call.policy.host_rewrite is not None
+    previous_host = headers.get("Host")
+    add_host = previous_host is None or policy.host_rewrite is not None
     if add_host:
-        previous_host = headers.get("Host")
-        headers["Host"] = authority
+        headers["Host"] = policy.host_rewrite or (host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}")
     tail = call.rewritten_path() or url[path_start:]
-    tls_host = (call.policy.host_rewrite or host) if scheme == "https" else None
-    replayable = request.body is None or isinstance(request.body, (bytes, str))
-    if call.policy.mirrors and replayable:
+    tls_host = (policy.host_rewrite or host) if scheme == "https" else None
+    body = request.body
+    replayable = body is None or isinstance(body, (bytes, str))
+    if policy.mirrors and replayable:
         _mirror(router, call, request, scheme, tail)
     if not replayable:
         call.retries = 1 << 30  # a streamed body cannot be sent twice
     send_kwargs = kwargs
     response = None
     error: Optional[BaseException] = None
+    used_mesh_tls = False
     try:
         while True:
             pick = call.next_pick()
@@ -243,6 +246,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             if mesh_tls is not None:
                 request.url = f"https://{address}:{pick.port}{tail}"
                 setattr(request, MESH_TLS_ATTR, mesh_tls)
+                used_mesh_tls = True
                 attempt_args: Tuple[Any, ...] = ()
                 attempt_kwargs = _mesh_send_kwargs(args, send_kwargs)
             else:
@@ -268,16 +272,17 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             _time.sleep(delay)
     finally:
         request.url = url
-        for attr in (TLS_HOST_ATTR, MESH_TLS_ATTR):
-            try:
-                delattr(request, attr)
-            except AttributeError:
-                pass
+        for attr, used in ((TLS_HOST_ATTR, tls_host is not None), (MESH_TLS_ATTR, used_mesh_tls)):
+            if used:
+                try:
+                    delattr(request, attr)
+                except AttributeError:
+                    pass
         if saved_headers is not None:
             request.headers = saved_headers
         elif add_host:
             if previous_host is None:
-                headers.pop("Host", None)
+                del headers["Host"]
             else:
                 headers["Host"] = previous_host
     if error is not None:
@@ -340,8 +345,6 @@ def _mirror(router: Any, call: Any, request: Any, scheme: str, tail: str) -> Non
         adapter = _mirror_adapter
 
         def send(shadow: Any = shadow, pick: Any = pick) -> None:
-            from meshpatch.routing.outcome import Outcome, OK
-
             pick.started()
             try:
                 response = adapter.send(shadow, timeout=5)

@@ -26,8 +26,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from types import ModuleType
     from typing import Dict, Optional
 
-#: hook name (as in MESHPATCH_HOOKS) -> the module whose import triggers it.
-HOOK_TARGETS = {"requests": "requests", "httpx": "httpx", "grpc": "grpc"}
+#: hook name (as in MESHPATCH_HOOKS) -> the module(s) whose import triggers it.
+#: The server hooks (inbound lane capture) watch the frameworks and servers
+#: that call WSGI/ASGI apps; whichever the app imports is patched.
+HOOK_TARGETS = {
+    "requests": "requests",
+    "httpx": "httpx",
+    "grpc": "grpc",
+    "wsgi": ("flask", "django.core.handlers.wsgi", "wsgiref.handlers", "gunicorn.workers.base"),
+    "asgi": ("starlette.applications", "django.core.handlers.asgi", "uvicorn.config"),
+    "grpc_server": ("grpc",),
+}
 
 _activated = False
 _source: "Optional[str]" = None
@@ -89,6 +98,10 @@ def _activate() -> None:
 
     try:
         settings = Settings(os.environ)
+        from meshpatch.config import LaneSettings, parse_admin_address
+
+        LaneSettings(os.environ)
+        admin = parse_admin_address(os.environ)
     except ConfigError as exc:
         _config_error = str(exc)
         for name in KNOWN_HOOKS:
@@ -103,13 +116,37 @@ def _activate() -> None:
         if name not in settings.hooks:
             _states[name] = {"state": "disabled", "detail": _disabled_reason(name)}
             continue
-        target = HOOK_TARGETS[name]
-        if target in sys.modules:
-            detail = f"{target} was imported before meshpatch activated; patching it now"
+        targets = HOOK_TARGETS[name]
+        if isinstance(targets, str):
+            targets = (targets,)
+        early = [target for target in targets if target in sys.modules]
+        if early:
+            detail = f"{early[0]} was imported before meshpatch activated; patching it now"
         else:
-            detail = f"waiting for the app to import {target}"
+            detail = f"waiting for the app to import {' or '.join(targets)}"
         _states[name] = {"state": "pending", "detail": detail}
-        _importhook.when_imported(target, _applier(name))
+        for target in targets:
+            _importhook.when_imported(target, _applier(name))
+    if admin is not None:
+        _start_admin(admin)
+
+
+def _start_admin(address: "object") -> None:
+    """The admin endpoint (MESHPATCH_ADMIN) is served from a daemon thread that
+    does its own imports, so start-up only pays for creating the thread."""
+    import threading
+
+    def serve() -> None:
+        try:
+            from meshpatch import admin
+
+            admin.serve(address)
+        except Exception as exc:
+            from meshpatch import safety
+
+            safety.internal_error("admin", exc)
+
+    threading.Thread(target=serve, name="meshpatch-admin-start", daemon=True).start()
 
 
 def _disabled_reason(name: str) -> str:
@@ -131,9 +168,11 @@ def _applier(name: str):
 
             safety.internal_error(f"hooks.{name}.patch", exc)
             return
-        previous = _states.get(name, {}).get("detail", "")
-        if "before meshpatch activated" in previous:
+        previous = _states.get(name, {})
+        if "before meshpatch activated" in previous.get("detail", ""):
             detail = f"{detail} (imported before activation: references bound earlier escape)"
+        if previous.get("state") == "applied" and detail and detail not in previous.get("detail", ""):
+            detail = f"{previous['detail']}; {detail}"  # a hook with several targets (server hooks)
         _states[name] = {"state": "applied", "detail": detail or "patched"}
 
     return apply

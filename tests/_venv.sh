@@ -98,3 +98,30 @@ mp_in_netns() {
     mp_netns_prefix
     "${MP_NETNS[@]}" "$@"
 }
+
+# Debian packages for the registries the tests and the demo start themselves
+# (ZooKeeper, etcd).  Installed only when missing (idempotent, quiet); needs
+# root and apt-get.  Elsewhere it says what is missing and the tests that need
+# it are skipped with that reason; under CI (CI=true) a failed install fails.
+#   mp_ensure_debs /usr/share/java/zookeeper.jar=zookeeper /usr/bin/etcd=etcd-server
+MP_ZOOKEEPER_DEB="/usr/share/java/zookeeper.jar=zookeeper"
+MP_ETCD_DEB="/usr/bin/etcd=etcd-server"
+mp_ensure_debs() {
+    local missing=() item
+    for item in "$@"; do
+        [ -e "${item%%=*}" ] || missing+=("${item#*=}")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        mp_log "missing Debian package(s) ${missing[*]} (installing needs root and apt-get); tests that need them are skipped"
+        [ "${CI:-}" != "true" ]
+        return
+    fi
+    mp_log "installing ${missing[*]} with apt-get"
+    if ! { apt-get update -qq >/dev/null 2>&1 \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; }; then
+        mp_log "apt-get install ${missing[*]} failed; tests that need them are skipped"
+        [ "${CI:-}" != "true" ]
+        return
+    fi
+}

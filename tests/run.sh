@@ -11,12 +11,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$REPO_ROOT"
 
 # ---------------------------------------------------------------------------
-# SERVICE SET-UP (external services the tests need).
-# Later issues add ZooKeeper / etcd here, installed with apt-get (root, quiet,
-# idempotent: skip when already installed).  Services are *started* by the
-# tests themselves on 127.0.0.x, inside the namespace, so only installs go here.
+# SERVICE SET-UP (external services the tests need): Debian's zookeeper and
+# etcd-server, installed with apt-get (root, quiet, idempotent: skipped when
+# already installed; see mp_ensure_debs in _venv.sh).  The servers are
+# *started* by the tests themselves on 127.0.0.1, inside the namespace, so only
+# installs go here.
 setup_services() {
-    :  # nothing yet
+    mp_ensure_debs "$MP_ZOOKEEPER_DEB" "$MP_ETCD_DEB"
 }
 # ---------------------------------------------------------------------------
 

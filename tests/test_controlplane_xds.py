@@ -327,6 +327,8 @@ def test_eds_subsets_localities_weights_and_ports(ads: AdsClient) -> None:
     assert a["lb_endpoints"] == [{
         "endpoint": {"address": {"socket_address": {"address": "127.0.0.2", "port_value": 5001}}},
         "health_status": "HEALTHY", "load_balancing_weight": 2,
+        # meshpatch-only: the endpoint's labels (canary lanes, registry merge)
+        "metadata": {"filter_metadata": {"meshpatch": {"labels": {"version": "v1"}}}},
     }]
     # named endpoint port wins; without one the service port number is used; non-IP address dropped
     assert [(e["endpoint"]["address"]["socket_address"]["address"], e["endpoint"]["address"]["socket_address"]["port_value"],
@@ -350,6 +352,7 @@ def test_eds_workload_entries_selected_by_labels_in_the_service_namespace(ads: A
     assert ep["metadata"]["filter_metadata"] == {
         "envoy.transport_socket_match": {"tlsMode": "istio"},
         "istio": {"workload": "other-vm;prod;other;v3;Kubernetes"},
+        "meshpatch": {"labels": {"app": "other", "security.istio.io/tlsMode": "istio", "version": "v3"}},
     }
     assert loc["locality"] == {} and loc["load_balancing_weight"] == 1
 

@@ -126,6 +126,8 @@ def test_service_answers_http_and_grpc_with_its_version(repo_root: Path, free_po
 
 ROUND = re.compile(r"^\s+round (\d):$")
 SPLIT = re.compile(r"^\s+(requests|httpx|grpc)\s+v1\s+([\d.]+)%\s+v2\s+([\d.]+)%\s+\((\d+) calls\)(.*)$")
+REGISTRY_SPLIT = re.compile(
+    r"^\s+(ratings|details)\s+(requests|httpx|grpc)\s+v1\s+([\d.]+)%\s+v2\s+([\d.]+)%\s+\((\d+) calls\)(.*)$")
 
 
 @pytest.mark.e2e
@@ -155,5 +157,35 @@ def test_demo_end_to_end(repo_root: Path, venv_bin: Path) -> None:
             assert rest == "", f"round {round_no} {lib}: {rest}"  # no failed calls
             assert abs(v1 - want[0]) <= TOLERANCE and abs(v2 - want[1]) <= TOLERANCE, (round_no, lib, v1, v2)
             assert v1 + v2 == pytest.approx(100.0, abs=0.2)
+    # round 3, the registry step: ratings only in ZooKeeper (round robin over
+    # its v1/v2 providers), details v1 in ZooKeeper + v2 in the mesh (30/70)
+    registry: dict[tuple[str, str], tuple[float, float, str]] = {}
+    for line in result.stdout.splitlines():
+        if m := REGISTRY_SPLIT.match(line):
+            registry[(m[1], m[2])] = (float(m[3]), float(m[4]), m[6].strip())
+    assert set(registry) == {(s, lib) for s in ("ratings", "details") for lib in ("requests", "httpx", "grpc")}, report
+    for (service, lib), (v1, v2, rest) in registry.items():
+        want = {"ratings": (50, 50), "details": (30, 70)}[service]
+        assert rest == "", f"round 3 {service} {lib}: {rest}"
+        assert abs(v1 - want[0]) <= TOLERANCE and abs(v2 - want[1]) <= TOLERANCE, (service, lib, v1, v2)
     assert "demo OK" in result.stdout
     assert elapsed < 60, f"demo took {elapsed:.1f} s (budget 60 s)"
+
+
+def test_registry_step_config(repo_root: Path) -> None:
+    """details: v2 is the only mesh endpoint, v1 must come from ZooKeeper; the
+    demo's aliases name the hosts the client calls."""
+    demo, client = load(repo_root, "demo"), load(repo_root, "client")
+    docs = [doc for path in sorted((repo_root / "demo" / "mesh").glob("details-*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text())]
+    se = next(d["spec"] for d in docs if d["kind"] == "ServiceEntry")
+    assert [(ep["address"], ep["labels"]["version"]) for ep in se["endpoints"]] == [("127.0.0.7", "v2")]
+    vs = next(d["spec"] for d in docs if d["kind"] == "VirtualService")
+    assert [(r["destination"]["subset"], r["weight"]) for r in vs["http"][0]["route"]] == [("v1", 30), ("v2", 70)]
+    in_zookeeper = {(svc, ver) for svc, ver, _, iface in demo.REGISTRY_PODS if iface}
+    assert in_zookeeper == {("ratings", "v1"), ("ratings", "v2"), ("details", "v1")}
+    hosts = {url.split("/")[2].split(":")[0] for url, _ in client.REGISTRY_SERVICES.values()}
+    assert hosts == {alias.split("=")[1] for alias in demo.ALIASES.split(",")}
+    line = client.split_line("grpc", client.collections.Counter({"v1": 3, "v2": 7}), 10, "", "details")
+    match = demo.REGISTRY_LINE.match("  " + line)
+    assert match and (match["svc"], match["lib"], match["v1"], match["v2"]) == ("details", "grpc", "30.0", "70.0")

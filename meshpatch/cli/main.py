@@ -19,6 +19,9 @@ SUBCOMMANDS: List[Tuple[str, str, str]] = [
         "meshpatch.controlplane.cli",
         "serve istiod-shaped xDS (SotW ADS) to proxyless clients from Istio YAML files",
     ),
+    ("status", "meshpatch.cli.status", "show a running process's hooks, xDS resources, clusters and endpoints"),
+    ("config-dump", "meshpatch.cli.config_dump", "dump the xDS resources a running process holds (CSDS-like)"),
+    ("doctor", "meshpatch.cli.doctor", "show what meshpatch would do in this environment, without starting an app"),
 ]
 
 

@@ -20,13 +20,15 @@ import shutil
 import sys
 from typing import List, NoReturn, Optional
 
-USAGE = "usage: meshpatch-run [--] COMMAND [ARGS...]\n"
+USAGE = "usage: meshpatch-run [--] COMMAND [ARGS...]\n       meshpatch-run --info\n"
 HELP = (
     USAGE
     + "\nRun COMMAND with meshpatch enabled: requests/httpx/grpc calls to mesh hostnames are\n"
     "routed per request by the xDS control plane (MESHPATCH_XDS_SERVER=host:port or\n"
     "GRPC_XDS_BOOTSTRAP). Sets MESHPATCH_ENABLED=1 and puts meshpatch's sitecustomize first on\n"
     "PYTHONPATH, then replaces itself with COMMAND (found on PATH).\n"
+    "\n--info prints what meshpatch would do in this environment (same as `meshpatch doctor`)\n"
+    "without running anything; exit status 1 when there is a problem.\n"
 )
 
 
@@ -60,6 +62,10 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
     if args and args[0] in ("-h", "--help"):
         sys.stdout.write(HELP)
         sys.exit(0)
+    if args and args[0] == "--info":
+        from meshpatch.cli.doctor import print_report
+
+        sys.exit(print_report(prepared_environment(os.environ), as_json="--json" in args[1:]))
     if args and args[0] == "--":
         args = args[1:]
     elif args and args[0].startswith("-"):

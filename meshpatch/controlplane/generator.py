@@ -709,9 +709,19 @@ def build_clusters(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> Lis
             key = subset_key(subset.name, hostname, port_num)
             if key in requested and key not in emitted:
                 merged = merge_traffic_policy(policy, subset.traffic_policy, port_num)
-                out.append((key, security.apply_tls(_eds_cluster(key, merged, node), merged.tls, svc, node)))
+                cluster = _eds_cluster(key, merged, node)
+                _add_subset_labels(cluster, subset.labels)
+                out.append((key, security.apply_tls(cluster, merged.tls, svc, node)))
                 emitted.add(key)
     return out
+
+
+def _add_subset_labels(cluster: cluster_pb2.Cluster, labels: Dict[str, str]) -> None:
+    """meshpatch-only metadata (istiod sends none): the subset's label selector,
+    so clients that merge registry instances select them like EDS does."""
+    s = struct_pb2.Struct()
+    s.update({"subset_labels": {str(k): str(v) for k, v in (labels or {}).items()}})
+    cluster.metadata.filter_metadata["meshpatch"].CopyFrom(s)
 
 
 def _eds_cluster(name: str, policy: TrafficPolicy, node: ProxyNode) -> cluster_pb2.Cluster:
@@ -834,6 +844,12 @@ def _lb_endpoint(ep: Endpoint, port: int, svc: Service) -> endpoint_components_p
         s = struct_pb2.Struct()
         s.update({"workload": f"{ep.workload_name};{ep.namespace};{canonical};{revision};Kubernetes"})
         fm["istio"] = s
+    if ep.labels:
+        # meshpatch-only (istiod sends no endpoint labels): the WorkloadEntry /
+        # ServiceEntry endpoint labels, e.g. the canary lane label clients prefer.
+        s = struct_pb2.Struct()
+        s.update({"labels": {str(k): str(v) for k, v in ep.labels.items()}})
+        fm["meshpatch"] = s
     if fm:
         lbe.metadata.CopyFrom(base_pb2.Metadata(filter_metadata=fm))
     return lbe

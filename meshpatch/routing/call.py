@@ -16,7 +16,9 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from meshpatch import telemetry
 from meshpatch.api import CircuitBreakerOpen, NoHealthyUpstream, Pick
+from meshpatch.lanes import LanePicker, call_lane
 from meshpatch.routing.outcome import CANCELLED, CONNECT_FAILURE, OK, RESET, TIMEOUT, Outcome
 from meshpatch.routing.route_policy import (
     ADD_IF_ABSENT,
@@ -53,6 +55,8 @@ class Call:
     __slots__ = (
         "scheme", "host", "port", "method", "path", "headers", "authority", "route", "policy", "handle",
         "request_hash", "tried", "retries", "started", "deadline", "is_grpc", "_in_retry", "attempts",
+        # telemetry (meshpatch.telemetry) and lanes (meshpatch.lanes)
+        "pick", "tel_span", "tel_inner", "tel_open", "tel_done", "tel_lane",
     )
 
     def __init__(self, scheme: str, host: str, port: int, method: str, path: str, headers: Any, authority: str,
@@ -69,12 +73,19 @@ class Call:
         self.handle = handle
         self.request_hash = request_hash
         self.is_grpc = scheme == "grpc"
-        self.tried: Optional[set] = None
+        self.tried: Any = None  # (address, port) of the first attempt; a set once retries start
         self.retries = 0
         self.attempts = 0
         self._in_retry = False
         self.started = time.monotonic()
-        timeout = self.timeout
+        self.pick: Optional[Pick] = None
+        self.tel_span: Any = None  # the client span described (current at an attempt's start)
+        self.tel_inner = -1  # last attempt whose inner client span was described
+        self.tel_open = -1  # attempt in progress (for the span processor)
+        self.tel_done = False
+        self.tel_lane: Optional[str] = None
+        action = route.action
+        timeout = action.max_stream_duration if self.is_grpc and action.max_stream_duration > 0 else action.timeout
         self.deadline = self.started + timeout if timeout > 0 else None
 
     # -- what kind of call ------------------------------------------------
@@ -109,23 +120,43 @@ class Call:
 
     def next_pick(self) -> Pick:
         handle = self.handle
-        endpoint = handle.picker.pick(self.request_hash, self.tried)
-        if endpoint is None:
-            raise NoHealthyUpstream(self.host, self.port, handle.name, getattr(handle.picker, "reason", ""))
-        key = (endpoint.address, endpoint.port)
-        if self.tried is None:
-            self.tried = {key}
+        tried = self.tried
+        if tried is not None and type(tried) is tuple:
+            tried = self.tried = {tried}
+        picker = handle.picker
+        if picker.__class__ is LanePicker:
+            self.tel_lane = lane = call_lane(self.headers)
+            endpoint = picker.pick_in_lane(lane, self.request_hash, tried)
         else:
-            self.tried.add(key)
+            endpoint = picker.pick(self.request_hash, tried)
+        if endpoint is None:
+            telemetry.call_ended(self, None, "no_healthy_upstream")
+            raise NoHealthyUpstream(self.host, self.port, handle.name, getattr(handle.picker, "reason", ""))
+        if tried is None:
+            self.tried = (endpoint.address, endpoint.port)  # a set only if a retry needs it
+        else:
+            tried.add((endpoint.address, endpoint.port))
         self.attempts += 1
-        return Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, self.authority, self.route.name,
-                    endpoint, handle)
+        pick = self.pick = Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, self.authority,
+                                self.route.name, endpoint, handle)
+        telemetry.attempt_started(self)
+        return pick
 
     def attempt_finished(self) -> None:
         """Hooks call this after ``Pick.finished`` for every attempt."""
         if self._in_retry:
             self._in_retry = False
             self.handle.retry_finished()
+
+    def finish(self, outcome: Optional[Outcome]) -> None:
+        """The call ended after an attempt with ``outcome``, without asking
+        :meth:`retry_delay` (streams, futures, errors the hook re-raises)."""
+        telemetry.attempt_ended(self, outcome)
+        telemetry.call_ended(self, outcome)
+
+    def aborted(self, status: Any) -> None:
+        """A fault-filter abort answered the call before any attempt."""
+        telemetry.call_ended(self, None, f"fault_abort_{status}")
 
     def retriable(self, outcome: Outcome) -> bool:
         retry = self.policy.retry
@@ -159,8 +190,23 @@ class Call:
         condition, within the call's timeout, admitted by the cluster's
         max_retries budget, with fully jittered exponential backoff
         (25 ms base, 10x cap by default)."""
+        telemetry.attempt_ended(self, outcome)
+        delay = self._retry_delay(outcome)
+        if delay is None:
+            telemetry.call_ended(self, outcome)
+        else:
+            telemetry.retried(self)
+        return delay
+
+    def _retry_delay(self, outcome: Outcome) -> Optional[float]:
         retry = self.policy.retry
-        if retry is None or self.retries >= retry.num_retries or not self.retriable(outcome):
+        if retry is None:
+            return None
+        if outcome.kind == OK:  # fast path for the common case: a non-error answer
+            status = outcome.http_status
+            if (status is not None and status < 409) or outcome.grpc_status == "OK":
+                return None
+        if self.retries >= retry.num_retries or not self.retriable(outcome):
             return None
         bound = min(retry.base_interval * (2 ** self.retries), retry.max_interval)
         delay = random.uniform(0, bound)

@@ -16,9 +16,11 @@ import os
 import random
 import threading
 import time
+from time import perf_counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from meshpatch.api import CircuitBreakerOpen, NoRouteMatched, Pick
+from meshpatch import telemetry
+from meshpatch.api import CircuitBreakerOpen, MeshError, NoRouteMatched, Pick
 from meshpatch.routing.call import Call
 from meshpatch.routing.target import NOT_FOUND, ClusterManager, HostTarget
 
@@ -138,17 +140,25 @@ def _request_hash(policies: Any, headers: Any, scheme: str, method: str, path: s
 
 
 class Router:
-    def __init__(self, client: Any, resolve_timeout: float, ensure_started: Callable[[], None]) -> None:
+    """``client`` may be None (no xDS server: registries alone route); ``registry``
+    is the registry catalog or None."""
+
+    def __init__(self, client: Any, resolve_timeout: float, ensure_started: Callable[[], None],
+                 registry: Any = None) -> None:
         self._client = client
         self._timeout = resolve_timeout
         self._ensure_started = ensure_started
         self._targets: Dict[Tuple[str, int], Any] = {}
         self._create_lock = threading.Lock()
-        self.clusters = ClusterManager(client)
+        self.clusters = ClusterManager(client, registry)
         self.started = False
         # "source IP" for hash policies: this workload's own address, the
         # downstream address a sidecar would see for the app's requests.
         self.source_ip = (os.environ.get("INSTANCE_IP") or os.environ.get("POD_IP") or "127.0.0.1").strip()
+        self.registry = registry
+        self._registry_lock = threading.RLock()  # serialises registry updates when there is no xDS lock
+        if registry is not None:
+            registry.add_listener(self.registry_changed)
 
     # -- public API ---------------------------------------------------------
 
@@ -164,6 +174,16 @@ class Router:
 
     def start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Call]:
         """Match the call's route; None = not in the mesh (make the original call)."""
+        began = perf_counter()
+        try:
+            call = self._start(scheme, host, port, method, path, headers)
+        except MeshError as exc:
+            telemetry.rejected(exc)
+            raise
+        telemetry.routed(call, began, host)
+        return call
+
+    def _start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any) -> Optional[Call]:
         if port is None:
             port = DEFAULT_PORTS.get(scheme, 80)
         target = self._targets.get((host, port))
@@ -244,13 +264,33 @@ class Router:
                 return target
             return self._create_unlocked(host, port)
 
-    def _create_unlocked(self, host: str, port: int) -> HostTarget:
+    def _create_unlocked(self, host: str, port: int) -> Any:
         self._ensure_started()
-        target = HostTarget(host, port, self._client, self.clusters, self._timeout)
+        if self._client is None:
+            from meshpatch.routing.registry_route import RegistryTarget
+
+            target: Any = RegistryTarget(host, port, self.registry, self._timeout)
+        else:
+            target = HostTarget(host, port, self._client, self.clusters, self._timeout, self.registry)
         self._targets[(host, port)] = target
-        with self._client.lock:
+        with self._update_lock():
             target.start()
         return target
+
+    def _update_lock(self) -> Any:
+        return self._client.lock if self._client is not None else self._registry_lock
+
+    def registry_changed(self) -> None:
+        """A registry source changed (its own thread): refresh registry-routed
+        targets and the pickers of clusters that merge registry instances."""
+        with self._update_lock():
+            seen = set()
+            for target in list(self._targets.values()):
+                if target is PASS_THROUGH or id(target) in seen:
+                    continue
+                seen.add(id(target))
+                target.registry_changed()
+            self.clusters.registry_changed()
 
     def _await(self, target: Any) -> bool:
         """Bounded wait for a new target; never waits once its deadline passed or
@@ -262,8 +302,11 @@ class Router:
         deadline = target.deadline
         client = self._client
         while now < deadline:
-            if client.failing:
-                return False
+            if client is not None and client.failing:
+                if self.registry is None:
+                    return False
+                with client.lock:
+                    target.xds_unavailable()  # the registries may know the host meanwhile
             if ready.wait(min(deadline - now, 0.05)):
                 return True
             now = time.monotonic()

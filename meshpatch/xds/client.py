@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from google.protobuf import json_format
@@ -64,7 +65,8 @@ class _Resource:
 
 
 class _TypeState:
-    __slots__ = ("resources", "version", "nonce", "first_sent", "acks", "nacks", "last_error")
+    __slots__ = ("resources", "version", "nonce", "first_sent", "server_names", "acks", "nacks", "last_error",
+                 "accepted_at")
 
     def __init__(self) -> None:
         self.resources: Dict[str, _Resource] = {}
@@ -74,9 +76,13 @@ class _TypeState:
         # next response answers (servers ignore later requests with a stale
         # nonce, and answer the first one).  See _on_response.
         self.first_sent: Optional[frozenset] = None
+        # The names the server last answered for: a later request carrying the
+        # same set is a plain ACK, which servers (istiod, ours) do not answer.
+        self.server_names: Optional[frozenset] = None
         self.acks = 0
         self.nacks = 0
         self.last_error = ""
+        self.accepted_at = 0.0  # wall-clock time of the last ACK (config age metric / status)
 
 
 def build_node(node: Dict[str, Any]) -> base_pb2.Node:
@@ -113,6 +119,7 @@ class XdsClient:
         self._transport_factory = transport_factory
         self.transport = self._new_transport()
         self.updates = 0
+        self._unreachable = False  # a stream attempt failed and none succeeded since (logging)
 
     def _new_transport(self) -> Any:
         return self._transport_factory(
@@ -193,8 +200,11 @@ class XdsClient:
             request.node.CopyFrom(self._node)
         if self.transport.send(request):
             self._node_sent = True
-            if state.first_sent is None:
-                state.first_sent = frozenset(state.resources)
+            names = frozenset(state.resources)
+            if state.first_sent is None and names != state.server_names:
+                # The first request with this nonce that the server will answer:
+                # a plain ACK (same names) is not; a changed subscription is.
+                state.first_sent = names
 
     # -- transport callbacks (stream thread) -------------------------------
 
@@ -205,15 +215,27 @@ class XdsClient:
                 state = self._types[type_url]
                 state.nonce = ""
                 state.first_sent = None
+                state.server_names = None
                 if state.resources:
                     self._send(type_url)
 
     def _on_stream_end(self, error: str, had_response: bool) -> None:
-        level = logging.INFO if had_response else logging.WARNING
+        # One line per state change, not per reconnect attempt: the first failed
+        # attempt says the server is unreachable, the next response that it is back.
+        if had_response:
+            level = logging.INFO
+        elif not self._unreachable:
+            level = logging.WARNING
+            self._unreachable = True
+        else:
+            level = logging.DEBUG
         log.log(level, "meshpatch xDS stream to %s ended (%s); cached config stays in force; reconnecting",
                 self.bootstrap.servers[0].target, error)
 
     def _on_response(self, response: Any) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            log.warning("meshpatch xDS stream to %s is up again", self.bootstrap.servers[0].target)
         with self.lock:
             state = self._types.get(response.type_url)
             if state is None:
@@ -222,7 +244,8 @@ class XdsClient:
             # Which names did the server know when it built this response?  Those
             # of the request it answers.  A name subscribed after that request
             # may be missing only because the response was already under way.
-            answered = state.first_sent or frozenset()
+            answered = state.first_sent if state.first_sent is not None else (state.server_names or frozenset())
+            state.server_names = answered
             state.nonce = response.nonce
             state.first_sent = None
             valid, errors = decode_response(response.type_url, list(response.resources))
@@ -267,6 +290,7 @@ class XdsClient:
                 self._send(response.type_url, error=detail)
             else:
                 state.acks += 1
+                state.accepted_at = time.time()
                 state.version = response.version_info
                 self._send(response.type_url)
 
@@ -293,4 +317,23 @@ class XdsClient:
                 "nacks": state.nacks,
                 "last_error": state.last_error,
                 "names": sorted(state.resources),
+                "accepted_at": state.accepted_at,
             }
+
+    def resources(self, type_url: str) -> List[Dict[str, Any]]:
+        """Every subscribed resource of a type, as CSDS shows it: name, status
+        (REQUESTED/ACKED/NACKED/DOES_NOT_EXIST), version, error and the value in
+        force (decoded; the raw resource too when it is kept)."""
+        with self.lock:
+            out = []
+            for name, resource in sorted(self._types[type_url].resources.items()):
+                out.append({
+                    "name": name,
+                    "status": resource.status,
+                    "version": resource.version,
+                    "error": resource.error,
+                    "value": resource.value,
+                    "raw": getattr(resource, "raw", None),
+                    "watchers": len(resource.watchers),
+                })
+            return out

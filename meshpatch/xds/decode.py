@@ -273,11 +273,9 @@ def _route_action(action: Any, config_name: str, where: str):
 
 # --- CDS -------------------------------------------------------------------
 
-_LB_NAMES = {v: k for k, v in cluster_pb2.Cluster.LbPolicy.items()}
-SUPPORTED_LB = {"ROUND_ROBIN"}
-
-
 def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
+    from meshpatch.xds import decode_lb as policy  # local: keeps this file's import block untouched
+
     cluster = _unpack(any_msg, cluster_pb2.Cluster(), CDS)
     name = cluster.name
     if not name:
@@ -289,16 +287,36 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
     eds = cluster.eds_cluster_config
     if eds.eds_config.WhichOneof("config_source_specifier") not in ("ads", "self"):
         raise ResourceError(name, "eds_config must be ads (only ADS is supported)")
-    lb = _LB_NAMES.get(cluster.lb_policy, str(cluster.lb_policy))
-    if lb not in SUPPORTED_LB:
-        raise ResourceError(name, f"lb_policy {lb} not supported by this meshpatch version (supported: ROUND_ROBIN)")
     tls = None
     if cluster.HasField("transport_socket"):
         try:
             tls = upstream_tls(cluster.transport_socket)
         except ValueError as exc:
             raise ResourceError(name, f"transport_socket: {exc}") from None
-    return name, ClusterConfig(name, eds.service_name or name, lb, tls)
+    try:
+        lb = policy.lb_config(cluster)
+        breakers = policy.circuit_breakers(cluster)
+        outlier = policy.outlier_detection(cluster)
+    except ValueError as exc:
+        raise ResourceError(name, str(exc)) from None
+    return name, ClusterConfig(name, eds.service_name or name, lb.policy, lb, breakers, outlier,
+                               subset_labels=_subset_labels(cluster), tls=tls)
+
+
+def _subset_labels(cluster: Any):
+    """``filter_metadata["meshpatch"].subset_labels`` (our control plane) → sorted pairs, or None."""
+    ours = cluster.metadata.filter_metadata.get("meshpatch") if cluster.HasField("metadata") else None
+    if ours is None or "subset_labels" not in ours.fields:
+        return None
+    value = ours.fields["subset_labels"]
+    if value.WhichOneof("kind") != "struct_value":
+        raise ResourceError(cluster.name, "metadata meshpatch.subset_labels must be a map of strings")
+    pairs = []
+    for key, item in value.struct_value.fields.items():
+        if item.WhichOneof("kind") != "string_value":
+            raise ResourceError(cluster.name, f"metadata meshpatch.subset_labels.{key} is not a string")
+        pairs.append((key, item.string_value))
+    return tuple(sorted(pairs))
 
 
 # --- EDS -------------------------------------------------------------------
@@ -311,6 +329,7 @@ def decode_endpoints(any_msg: any_pb2.Any) -> Tuple[str, EndpointsConfig]:
     _check_count(name, "locality groups", cla.endpoints)
     localities = []
     total = 0
+    seen = set()
     for group in cla.endpoints:
         locality = f"{group.locality.region}/{group.locality.zone}/{group.locality.sub_zone}"
         _check_count(name, "endpoints", group.lb_endpoints)
@@ -326,6 +345,11 @@ def decode_endpoints(any_msg: any_pb2.Any) -> Tuple[str, EndpointsConfig]:
                 raise ResourceError(name, "endpoint without a socket address")
             if not 0 < sock.port_value < 65536:
                 raise ResourceError(name, f"endpoint {sock.address} has invalid port {sock.port_value}")
+            key = (sock.address, sock.port_value)
+            if key in seen:
+                # gRPC NACKs these too; per-endpoint state (least request, ejection) is keyed by address.
+                raise ResourceError(name, f"duplicate endpoint address {sock.address}:{sock.port_value}")
+            seen.add(key)
             metadata = _metadata(lb_ep.metadata) if lb_ep.HasField("metadata") else {}
             weight = lb_ep.load_balancing_weight.value if lb_ep.HasField("load_balancing_weight") else 1
             endpoints.append(Endpoint(sock.address, sock.port_value, int(lb_ep.health_status), weight or 1, metadata, locality))
