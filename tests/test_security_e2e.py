@@ -169,6 +169,10 @@ out["refused"] = refused
 # no DestinationRule: plaintext, as before
 out["plain"] = [s.get("http://{PLAIN}:9080/p").json()["server"],
                 json.loads(grpc.insecure_channel("{PLAIN}:7070").unary_unary(UNARY)(b"x", timeout=10))["server"]]
+from meshpatch import introspect  # what `meshpatch status` shows
+status = introspect.status()
+out["clusters_mtls"] = {{c["name"]: c["mtls"] for c in status["clusters"]}}
+out["providers"] = status["security"]["certificate_providers"]
 print("RESULT " + json.dumps(out))
 """
 
@@ -187,6 +191,10 @@ def test_mtls_origination_and_spiffe_checks_for_every_library(mesh: Mesh) -> Non
     assert mesh.servers["fake_http"].requests == before["fake_http"][0]
     assert mesh.servers["fake_grpc"].calls == before["fake_grpc"][1]
     assert r["plain"] == ["plain", "plain"]
+    mtls = r["clusters_mtls"]
+    assert mtls[f"outbound|9080||{REVIEWS}"]["match_subject_alt_names"] == [f"exact {spiffe_id('default', 'reviews')!r}"]
+    assert mtls[f"outbound|9080||{PLAIN}"] is None
+    assert r["providers"]["default"]["generation"] == 1 and r["providers"]["default"]["reloads"] == 1
 
 
 ROTATION_APP = f"""
