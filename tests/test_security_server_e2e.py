@@ -10,7 +10,6 @@ service account.  Callers: meshpatch clients with the ``client`` and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import ssl
