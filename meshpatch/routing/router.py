@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+
+import xxhash
 import random
 import threading
 import time
@@ -122,8 +124,6 @@ def _request_hash(policies: Any, headers: Any, scheme: str, method: str, path: s
     """Envoy's hash-policy evaluation: XXH64 of each value, combined by
     rotate-left-1 then XOR, stopping after a terminal policy that produced a hash.
     None (no policy matched) means "random" to the hashing load balancers."""
-    import xxhash
-
     result: Optional[int] = None
     for policy in policies:
         value = _hash_value(policy, headers, scheme, method, path, authority, source_ip)
@@ -224,7 +224,7 @@ class Router:
                     return Call(scheme, host, port, method, path, headers, target.authority, route.route, None, None)
                 raise NoRouteMatched(host, port, path)  # non-forwarding (server) route, or redirect for gRPC
             handle = chooser.choose()
-            refused = handle.admit_request()
+            refused = handle.admit_request(multiplexed=scheme == "grpc")
             if refused is not None:
                 raise CircuitBreakerOpen(handle.name, refused)
             request_hash = None
