@@ -169,11 +169,36 @@ def test_half_written_rotation_keeps_the_previous_generation(ca: MeshCA, certs: 
     assert provider.material().generation == good.generation + 1
 
 
-def test_refresh_interval_rereads_even_without_stat_change(certs: Any) -> None:
-    provider = providers.FileWatcherProvider("p", dict(certs.provider_config("0.01s")["config"]))
-    first = provider.material()
-    os.utime(certs.cert_file, ns=(1, 1))  # odd mtime, same content: re-read but same generation
-    assert provider.material().generation == first.generation
+def _rewrite_keeping_stat(ca: MeshCA, certs: Any) -> None:
+    """New certificate and key with byte-identical sizes, written in place, mtimes
+    restored: (inode, size, mtime) stay the same, only the content changes."""
+    paths = [certs.cert_file, certs.key_file]
+    sizes = [os.path.getsize(p) for p in paths]
+    for _ in range(50):
+        workload = ca.issue("default", "client")
+        if [len(workload.chain_pem), len(workload.key_pem)] == sizes:
+            break
+    else:
+        pytest.skip("no same-size certificate in 50 tries")
+    for path, data in zip(paths, (workload.chain_pem, workload.key_pem)):
+        st = os.stat(path)
+        with open(path, "r+b") as handle:
+            handle.write(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_stat_poll_and_refresh_interval_are_both_needed(ca: MeshCA, certs: Any) -> None:
+    """A change invisible to stat() is seen on the refresh interval only;
+    a normal rotation is seen at once (previous tests)."""
+    slow = providers.FileWatcherProvider("slow", dict(certs.provider_config("1000s")["config"]))
+    fast = providers.FileWatcherProvider("fast", dict(certs.provider_config("0.01s")["config"]))
+    first_slow, first_fast = slow.material(), fast.material()
+    _rewrite_keeping_stat(ca, certs)
+    import time
+
+    time.sleep(0.02)
+    assert slow.material() is first_slow  # stat unchanged, refresh not due: no re-read
+    assert fast.material().generation == first_fast.generation + 1  # refresh interval re-read the files
 
 
 def test_unusable_provider_entries_are_explained() -> None:
