@@ -24,10 +24,13 @@ from meshpatch import lanes, safety
 from meshpatch.api import MeshError
 
 from . import grpc_hook
+from meshpatch.internal import suppressed
+
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
+from ._grpc_mtls import attempt_key, endpoints, open_subchannel
 from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
 
-_Key = Optional[Tuple[str, int]]
+_Key = Optional[Tuple[Any, ...]]
 
 
 def patch(aio: Any) -> str:
@@ -38,7 +41,9 @@ def patch(aio: Any) -> str:
     wrapt.wrap_function_wrapper(aio, "insecure_channel", _insecure_channel_wrapper)
     wrapt.wrap_function_wrapper(aio, "secure_channel", _secure_channel_wrapper)
     mark_patched(aio)
-    return "grpc.aio: insecure_channel/secure_channel routed per RPC"
+    from . import grpc_server_security
+
+    return "grpc.aio: insecure_channel/secure_channel routed per RPC; " + grpc_server_security.patch_aio(aio)
 
 
 def _plan(target: Any) -> Optional[MeshTarget]:
@@ -75,7 +80,10 @@ def _insecure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...]
     if mesh is None:
         return channel
 
-    def factory(endpoint: str, extra: Any) -> Any:
+    def factory(endpoint: str, extra: Any, credentials: Any = None) -> Any:
+        if credentials is not None:  # mesh mTLS sub-channel
+            with suppressed():
+                return grpc.aio.secure_channel(endpoint, credentials, extra, compression, interceptors)
         return wrapped(endpoint, extra, compression, interceptors)
 
     return _mesh_channel(channel, mesh, options, factory, tls=False)
@@ -90,8 +98,9 @@ def _secure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], 
     if mesh is None:
         return channel
 
-    def factory(endpoint: str, extra: Any) -> Any:
-        return wrapped(endpoint, credentials, extra, compression, interceptors)
+    def factory(endpoint: str, extra: Any, mesh_credentials: Any = None) -> Any:
+        # mesh mTLS (cluster TLS in CDS) replaces the app's own channel credentials
+        return wrapped(endpoint, mesh_credentials or credentials, extra, compression, interceptors)
 
     return _mesh_channel(channel, mesh, options, factory, tls=True)
 
@@ -142,7 +151,7 @@ class MeshAioChannel(grpc.aio.Channel):
         if call is None:
             return None
         pick = call.next_pick()
-        return (pick.address, pick.port)
+        return attempt_key(pick)
 
     def _channel_for(self, key: _Key) -> Any:
         if key is None:
@@ -155,7 +164,10 @@ class MeshAioChannel(grpc.aio.Channel):
                 raise grpc.aio.UsageError("Channel is closed.")
             channel = self._subchannels.get(key)
             if channel is None:
-                channel = self._factory(endpoint_target(*key), self._options)
+                if len(key) == 3:
+                    channel = open_subchannel(key, self._options, self._factory)
+                else:
+                    channel = self._factory(endpoint_target(*key), self._options)
                 self._subchannels[key] = channel
         return channel
 
@@ -169,7 +181,7 @@ class MeshAioChannel(grpc.aio.Channel):
         return self._channel_for(key)
 
     def endpoints(self) -> Tuple[Tuple[str, int], ...]:
-        return tuple(self._subchannels)
+        return endpoints(list(self._subchannels))
 
     # grpc.aio.Channel ----------------------------------------------------------
 
@@ -230,12 +242,13 @@ class _Dispatch:
     def _attempt(self, call: Any, request: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
         """Start one attempt: (pick, the real aio call)."""
         pick = call.next_pick()
+        key = attempt_key(pick)
         limit = call.attempt_timeout()
         if limit is not None:
             kwargs = dict(kwargs)
             timeout = kwargs.get("timeout")
             kwargs["timeout"] = limit if timeout is None else min(timeout, limit)
-        rpc = self._callable((pick.address, pick.port))(request, **kwargs)
+        rpc = self._callable(key)(request, **kwargs)
         pick.started()
         return pick, rpc
 

@@ -27,10 +27,14 @@ from meshpatch.routing import outcome as oc
 
 _GRPC_OK = oc.Outcome(oc.OK, grpc_status="OK")  # immutable in practice: shared by every successful attempt
 
+from meshpatch.internal import suppressed
+
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
+from ._grpc_mtls import attempt_key, endpoints, open_subchannel
 from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
 
-_Key = Optional[Tuple[str, int]]  # endpoint (address, port); None = the app's own target
+# endpoint (address, port), plus the ClientTls for mTLS clusters; None = the app's own target
+_Key = Optional[Tuple[Any, ...]]
 
 
 def patch(module: Any) -> str:
@@ -44,6 +48,9 @@ def patch(module: Any) -> str:
         wrapt.wrap_function_wrapper(module, "secure_channel", _secure_channel_wrapper)
         mark_patched(module)
         details.append(f"grpc {getattr(module, '__version__', '?')}: insecure_channel/secure_channel routed per RPC")
+        from . import grpc_server_security
+
+        details.append(grpc_server_security.patch(module))
     aio = getattr(module, "aio", None)
     if aio is not None:
         from . import grpc_aio_hook
@@ -90,7 +97,10 @@ def _insecure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...]
     if mesh is None:
         return channel
 
-    def factory(endpoint: str, extra: Any) -> Any:
+    def factory(endpoint: str, extra: Any, credentials: Any = None) -> Any:
+        if credentials is not None:  # mesh mTLS sub-channel
+            with suppressed():
+                return grpc.secure_channel(endpoint, credentials, extra, compression)
         return wrapped(endpoint, extra, compression)
 
     return _mesh_channel(channel, mesh, options, factory, tls=False)
@@ -105,8 +115,9 @@ def _secure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], 
     if mesh is None:
         return channel
 
-    def factory(endpoint: str, extra: Any) -> Any:
-        return wrapped(endpoint, credentials, extra, compression)
+    def factory(endpoint: str, extra: Any, mesh_credentials: Any = None) -> Any:
+        # mesh mTLS (cluster TLS in CDS) replaces the app's own channel credentials
+        return wrapped(endpoint, mesh_credentials or credentials, extra, compression)
 
     return _mesh_channel(channel, mesh, options, factory, tls=True)
 
@@ -172,9 +183,9 @@ class MeshChannel(grpc.Channel):
             return None
         try:
             pick = call.next_pick()
+            return attempt_key(pick)
         except MeshError as exc:
             raise MeshRpcError(str(exc)) from exc
-        return (pick.address, pick.port)
 
     def _channel_for(self, key: _Key) -> Any:
         if key is None:
@@ -187,7 +198,10 @@ class MeshChannel(grpc.Channel):
                 raise ValueError("Cannot invoke RPC on closed channel!")
             channel = self._subchannels.get(key)
             if channel is None:
-                channel = self._factory(endpoint_target(*key), self._options)
+                if len(key) == 3:
+                    channel = open_subchannel(key, self._options, self._factory)
+                else:
+                    channel = self._factory(endpoint_target(*key), self._options)
                 self._subchannels[key] = channel
         return channel
 
@@ -205,7 +219,7 @@ class MeshChannel(grpc.Channel):
 
     def endpoints(self) -> Tuple[Tuple[str, int], ...]:
         """Endpoints this channel has sub-channels to (status output, tests)."""
-        return tuple(self._subchannels)
+        return endpoints(list(self._subchannels))
 
     # grpc.Channel ------------------------------------------------------------
 
@@ -386,16 +400,17 @@ class _Dispatch:
                 fault.done()
         return call, None
 
-    def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+    def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any], Any]:
         try:
             pick = call.next_pick()
+            key = attempt_key(pick)
         except MeshError as exc:
             raise MeshRpcError(str(exc)) from exc
         limit = call.attempt_timeout()
         if limit is not None:
             kwargs = dict(kwargs)
             kwargs["timeout"] = _bounded(kwargs.get("timeout"), limit)
-        return pick, kwargs
+        return pick, kwargs, key
 
     def _blocking(self, how: str, request: Any, kwargs: Dict[str, Any], retry: bool) -> Any:
         """A blocking call: attempts with retries, as Envoy/gRPC A44 do."""
@@ -406,8 +421,8 @@ class _Dispatch:
         if not retry:
             call.retries = 1 << 30
         while True:
-            pick, attempt_kwargs = self._pick(call, kwargs)
-            target = self._callable((pick.address, pick.port))
+            pick, attempt_kwargs, key = self._pick(call, kwargs)
+            target = self._callable(key)
             pick.started()
             error = None
             try:
@@ -439,8 +454,8 @@ class _Dispatch:
         if call is None:
             target = self._callable(None)
             return target(request, **kwargs) if how is None else getattr(target, how)(request, **kwargs)
-        pick, attempt_kwargs = self._pick(call, kwargs)
-        target = self._callable((pick.address, pick.port))
+        pick, attempt_kwargs, key = self._pick(call, kwargs)
+        target = self._callable(key)
         pick.started()
         try:
             rpc = target(request, **attempt_kwargs) if how is None else getattr(target, how)(request, **attempt_kwargs)

@@ -53,6 +53,7 @@ from .istio_config import (
     parse_duration,
     split_host_port,
 )
+from . import security
 from .locality import apply_locality_lb
 from .snapshot import Endpoint, ProxyNode, Service, Snapshot, is_http_or_sniffed, is_ip, resolve_short_name
 
@@ -183,9 +184,7 @@ def _http_filters() -> List[hcm_pb2.HttpFilter]:
 def build_listeners(snap: Snapshot, node: ProxyNode, names: Sequence[str], wildcard: bool) -> List[Resource]:
     flt = None if wildcard else _listener_filter(names, node)
     inbound = [n for n in names if n.startswith(INBOUND_LISTENER_PREFIX)]
-    if inbound:
-        log.info("meshpatch control plane: inbound (server) listeners are not generated yet: %s", ", ".join(inbound))
-    out: List[Resource] = []
+    out: List[Resource] = list(security.build_inbound_listeners(snap, node, inbound)) if inbound else []
     for svc in snap.services_sorted(node.namespace):
         if flt is None:
             requested, ports = {svc.hostname}, None
@@ -907,14 +906,15 @@ def build_clusters(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> Lis
         dr = snap.destination_rule(hostname, node.namespace, svc.namespace)
         policy = merge_traffic_policy(dr.traffic_policy if dr else None, None, port_num)
         if default_key in requested and default_key not in emitted:
-            out.append((default_key, _eds_cluster(default_key, policy, node)))
+            out.append((default_key, security.apply_tls(_eds_cluster(default_key, policy, node), policy.tls, svc, node)))
             emitted.add(default_key)
         for subset in dr.subsets if dr else []:
             key = subset_key(subset.name, hostname, port_num)
             if key in requested and key not in emitted:
-                cluster = _eds_cluster(key, merge_traffic_policy(policy, subset.traffic_policy, port_num), node)
+                merged = merge_traffic_policy(policy, subset.traffic_policy, port_num)
+                cluster = _eds_cluster(key, merged, node)
                 _add_subset_labels(cluster, subset.labels)
-                out.append((key, cluster))
+                out.append((key, security.apply_tls(cluster, merged.tls, svc, node)))
                 emitted.add(key)
     return out
 

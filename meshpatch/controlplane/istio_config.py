@@ -380,6 +380,9 @@ class IstioConfig:
     destination_rules: List[DestinationRule] = field(default_factory=list)
     virtual_services: List[VirtualService] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
+    # security.istio.io kinds (see .security_config)
+    peer_authentications: List[Any] = field(default_factory=list)
+    authorization_policies: List[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (
@@ -387,6 +390,8 @@ class IstioConfig:
             + len(self.workload_entries)
             + len(self.destination_rules)
             + len(self.virtual_services)
+            + len(self.peer_authentications)
+            + len(self.authorization_policies)
         )
 
 
@@ -1210,20 +1215,24 @@ def _add(config: IstioConfig, doc: Any, source: str) -> None:
                 _add(config, item, source)
             return
         kind = doc.get("kind")
-        if kind not in _PARSERS:
-            raise Reject(f"unsupported kind {kind!r} (supported: {', '.join(_PARSERS)})")
+        from .security_config import PARSERS as SECURITY_PARSERS, SECURITY_GROUP, SECURITY_VERSIONS
+
+        parsers = {**_PARSERS, **SECURITY_PARSERS}
+        if kind not in parsers:
+            raise Reject(f"unsupported kind {kind!r} (supported: {', '.join(parsers)})")
         api_version = doc.get("apiVersion")
         group, _, version = str(api_version).partition("/")
-        if group != API_GROUP or version not in API_VERSIONS:
+        expected, versions = (SECURITY_GROUP, SECURITY_VERSIONS) if kind in SECURITY_PARSERS else (API_GROUP, API_VERSIONS)
+        if group != expected or version not in versions:
             raise Reject(
-                f"apiVersion {api_version!r} is not {API_GROUP}/" + "|".join(API_VERSIONS)
+                f"apiVersion {api_version!r} is not {expected}/" + "|".join(versions)
             )
         _obj(doc, "", _TOP_FIELDS)
         meta = _meta(doc)
         spec = doc.get("spec")
         if spec is None:
             raise Reject("spec is required")
-        obj = _PARSERS[kind](meta, spec)
+        obj = parsers[kind](meta, spec)
     except Reject as exc:
         msg = f"skipped {what} in {source}: {str(exc).replace('unknown field .', 'unknown field ')}"
         config.skipped.append(msg)
@@ -1236,6 +1245,10 @@ def _add(config: IstioConfig, doc: Any, source: str) -> None:
         config.workload_entries.append(obj)
     elif isinstance(obj, DestinationRule):
         config.destination_rules.append(obj)
+    elif kind == "PeerAuthentication":
+        config.peer_authentications.append(obj)
+    elif kind == "AuthorizationPolicy":
+        config.authorization_policies.append(obj)
     else:
         config.virtual_services.append(obj)
 

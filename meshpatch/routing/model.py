@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Tuple
 from meshpatch.routing.cluster_policy import DEFAULT_CIRCUIT_BREAKERS, DEFAULT_LB, CircuitBreakers, LbConfig, OutlierConfig
 from meshpatch.routing.matchers import HeaderMatcher, PathMatcher
 from meshpatch.routing.route_policy import NO_POLICY, RoutePolicy
+from meshpatch.security.model import UpstreamTls
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,8 @@ class ClusterConfig:
     # (filter_metadata "meshpatch".subset_labels; istiod does not): which
     # registry instances join this cluster.  None = not sent.
     subset_labels: Optional[Tuple[Tuple[str, str], ...]] = None
+    # mTLS origination from the cluster's transport_socket; None = plaintext.
+    tls: Optional[UpstreamTls] = None
 
 
 HEALTHY_STATES = frozenset({0, 1})  # UNKNOWN, HEALTHY: the only ones gRPC sends to

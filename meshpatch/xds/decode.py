@@ -36,6 +36,8 @@ from meshpatch.routing.model import (
     VirtualHost,
 )
 from meshpatch.xds.decode_policy import route_policy
+from meshpatch.xds.decode_server import decode_server_listener
+from meshpatch.xds.decode_tls import upstream_tls
 from meshpatch.xds.type_urls import CDS, EDS, HCM_TYPE, LDS, RDS, RESOURCE_WRAPPER
 
 MAX_ITEMS = 100_000  # guards against hostile resources with absurd list sizes
@@ -85,6 +87,12 @@ def decode_listener(any_msg: any_pb2.Any) -> Tuple[str, ListenerConfig]:
     if not name:
         raise ResourceError("", "listener without a name")
     if not listener.HasField("api_listener"):
+        if listener.filter_chains or listener.HasField("default_filter_chain"):
+            # A server (inbound) listener: filter chains instead of an api_listener.
+            try:
+                return name, decode_server_listener(listener)
+            except ValueError as exc:
+                raise ResourceError(name, str(exc)) from None
         raise ResourceError(name, "not an API listener (no api_listener); client listeners need one")
     api = listener.api_listener.api_listener
     if api.type_url != HCM_TYPE:
@@ -279,8 +287,12 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
     eds = cluster.eds_cluster_config
     if eds.eds_config.WhichOneof("config_source_specifier") not in ("ads", "self"):
         raise ResourceError(name, "eds_config must be ads (only ADS is supported)")
-    if cluster.HasField("transport_socket") and cluster.transport_socket.name not in ("", "envoy.transport_sockets.raw_buffer"):
-        raise ResourceError(name, f"transport_socket {cluster.transport_socket.name!r} (TLS) not supported yet; refusing rather than sending plaintext")
+    tls = None
+    if cluster.HasField("transport_socket"):
+        try:
+            tls = upstream_tls(cluster.transport_socket)
+        except ValueError as exc:
+            raise ResourceError(name, f"transport_socket: {exc}") from None
     try:
         lb = policy.lb_config(cluster)
         breakers = policy.circuit_breakers(cluster)
@@ -288,7 +300,7 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
     except ValueError as exc:
         raise ResourceError(name, str(exc)) from None
     return name, ClusterConfig(name, eds.service_name or name, lb.policy, lb, breakers, outlier,
-                               subset_labels=_subset_labels(cluster))
+                               subset_labels=_subset_labels(cluster), tls=tls)
 
 
 def _subset_labels(cluster: Any):
