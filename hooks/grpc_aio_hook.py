@@ -14,7 +14,6 @@ call.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import grpc
@@ -26,9 +25,10 @@ from meshpatch.api import MeshError
 from . import grpc_hook
 from meshpatch.internal import suppressed
 
-from ._common import current_agent, is_patched, is_suppressed, mark_patched
-from ._grpc_mtls import attempt_key, endpoints, open_subchannel
-from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
+from ._common import is_patched, is_suppressed, mark_patched
+from ._grpc_mtls import attempt_key
+from ._grpc_channel import RoutedChannelCore, plan_channel
+from ._grpc_target import MeshTarget
 
 _Key = Optional[Tuple[Any, ...]]
 
@@ -47,18 +47,7 @@ def patch(aio: Any) -> str:
 
 
 def _plan(target: Any) -> Optional[MeshTarget]:
-    try:
-        parsed = parse_target(target)
-        if parsed is None:
-            return None
-        agent = current_agent()
-        if agent is None:
-            return None
-        agent.prefetch(parsed.host, parsed.port, "grpc")
-        return parsed
-    except Exception as exc:
-        safety.internal_error("hooks.grpc_aio.channel", exc)
-        return None
+    return plan_channel(target, "hooks.grpc_aio.channel")
 
 
 def _bind_insecure(target: Any, options: Any = None, compression: Any = None, interceptors: Any = None) -> Tuple[Any, Any, Any, Any]:
@@ -113,75 +102,27 @@ def _mesh_channel(channel: Any, mesh: MeshTarget, options: Any, factory: Any, tl
         return channel
 
 
-class MeshAioChannel(grpc.aio.Channel):
+class MeshAioChannel(RoutedChannelCore, grpc.aio.Channel):
     """A real ``grpc.aio.Channel`` that routes each RPC through the mesh router."""
 
-    def __init__(self, passthrough: Any, mesh: MeshTarget, options: Any, factory: Callable[[str, Any], Any], tls: bool) -> None:
-        self._passthrough = passthrough
-        self._mesh = mesh
-        self._factory = factory
-        self._options = subchannel_options(options, mesh.authority, mesh.host if tls else None)
-        self._subchannels: Dict[Tuple[str, int], Any] = {}
-        self._lock = threading.Lock()
-        self._closed = False
+    _SITE = "hooks.grpc_aio"
+
+    def __init__(self, passthrough: Any, mesh: MeshTarget, options: Any, factory: Callable[..., Any], tls: bool) -> None:
+        self._init_core(passthrough, mesh, options, factory, tls)
 
     def __repr__(self) -> str:
         return f"<meshpatch MeshAioChannel {self._mesh.authority!r} endpoints={len(self._subchannels)}>"
 
+    def _closed_error(self) -> Exception:
+        return grpc.aio.UsageError("Channel is closed.")
+
     def _start(self, method: str, metadata: Any) -> Any:
-        """The routed call for one RPC (None = not in the mesh); raises
-        ``MeshError`` for the caller to turn into a failed call."""
-        if is_suppressed():
-            return None
-        try:
-            agent = current_agent()
-            if agent is None:
-                return None
-            mesh = self._mesh
-            return agent.router.start("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
-        except MeshError:
-            raise
-        except Exception as exc:
-            safety.internal_error("hooks.grpc_aio.pick", exc)
-            return None
+        """The routed call for one RPC (None = not in the mesh); lets MeshError out
+        for the caller to turn into a failed call."""
+        return self._start_call(method, metadata)
 
     def _route(self, method: str, metadata: Any) -> _Key:
-        """Where a call would go (connectivity questions); no attempt is made."""
-        call = self._start(method, metadata)
-        if call is None:
-            return None
-        pick = call.next_pick()
-        return attempt_key(pick)
-
-    def _channel_for(self, key: _Key) -> Any:
-        if key is None:
-            return self._passthrough
-        channel = self._subchannels.get(key)
-        if channel is not None:
-            return channel
-        with self._lock:
-            if self._closed:
-                raise grpc.aio.UsageError("Channel is closed.")
-            channel = self._subchannels.get(key)
-            if channel is None:
-                if len(key) == 3:
-                    channel = open_subchannel(key, self._options, self._factory)
-                else:
-                    channel = self._factory(endpoint_target(*key), self._options)
-                self._subchannels[key] = channel
-        return channel
-
-    def _connectivity_channel(self) -> Any:
-        try:
-            key = self._route("/", None)
-        except MeshError:
-            key = None
-        if key is None and self._subchannels:
-            key = next(iter(self._subchannels))
-        return self._channel_for(key)
-
-    def endpoints(self) -> Tuple[Tuple[str, int], ...]:
-        return endpoints(list(self._subchannels))
+        return self._route_key(method, metadata)
 
     # grpc.aio.Channel ----------------------------------------------------------
 

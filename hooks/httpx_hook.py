@@ -24,10 +24,12 @@ their connections alive; a rotation starts a new one for new connections.
 
 from __future__ import annotations
 
+import time as _time
 from typing import Any, Optional, Tuple
 
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
+from meshpatch.routing.outcome import OK, Outcome
 
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 
@@ -119,7 +121,7 @@ def _outcome_from_error(exc: BaseException) -> Any:
 class _Plan:
     """What stays the same across the attempts of one httpx request."""
 
-    __slots__ = ("call", "url", "raw_path", "tls_host", "saved_headers", "saved_extensions", "ops", "mesh_tls")
+    __slots__ = ("call", "url", "raw_path", "tls_host", "saved_headers", "saved_extensions", "ops", "mesh_tls", "fault")
 
     def __init__(self, request: Any, router: Any, call: Any) -> None:
         from meshpatch.routing.call import apply_header_ops
@@ -293,61 +295,101 @@ def _mirror(router: Any, call: Any, request: Any, raw_path: Optional[bytes]) -> 
         mirror.submit(send)
 
 
-def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
-    if is_suppressed() or getattr(instance, "_meshpatch_owned", False):
-        return wrapped(*args, **kwargs)
-    request = args[0] if args else kwargs.get("request")
+def _prepare(request: Any, site: str) -> Any:
+    """The shared prologue: None = not in the mesh (send as is), a response = the
+    mesh answered locally (direct response / redirect), else the call's _Plan."""
     try:
         lanes.outbound_http(request.headers)
         started = _start(request)
         if started is None:
-            return wrapped(*args, **kwargs)
+            return None
         router, call = started
         local = _local_answer(request, call)
         if local is not None:
             return local
         fault = call.fault()
         plan = _Plan(request, router, call)
+        plan.fault = fault
+        return plan
     except MeshError as exc:
         raise _error(request, exc) from exc
     except Exception as exc:
-        safety.internal_error("hooks.httpx.handle_request", exc)
+        safety.internal_error(site, exc)
+        return None
+
+
+def _begin(plan: Any, request: Any) -> Any:
+    """One attempt starts: its endpoint, the request aimed at it."""
+    try:
+        pick = plan.call.next_pick()
+        plan.aim(request, pick)
+    except MeshError as exc:
+        raise _error(request, exc) from exc
+    pick.started()
+    return pick
+
+
+def _end(plan: Any, pick: Any, response: Any, error: Optional[BaseException]) -> Optional[float]:
+    """One attempt ended: report it; the delay before a retry, or None when done."""
+    outcome = _outcome_from_error(error) if error is not None else Outcome(OK, response.status_code)
+    pick.finished(outcome)
+    call = plan.call
+    call.attempt_finished()
+    return call.retry_delay(outcome)
+
+
+def _abort(plan: Any, request: Any) -> Optional[Any]:
+    """The fault filter's abort response, if this call drew one."""
+    fault = plan.fault
+    if fault.abort_http is None:
+        return None
+    plan.call.aborted(fault.abort_http)
+    plan.restore(request)
+    return _local_response(request, fault.abort_http, b"fault filter abort")
+
+
+async def _async_sleep(delay: float) -> None:
+    import asyncio  # only async apps get here; httpx itself does not import asyncio
+
+    await asyncio.sleep(delay)
+
+
+def _result(plan: Any, response: Any, error: Optional[BaseException]) -> Any:
+    if error is not None:
+        raise error
+    return plan.finish_response(response)
+
+
+def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
+    if is_suppressed() or getattr(instance, "_meshpatch_owned", False):
         return wrapped(*args, **kwargs)
-    import time as _time
-
-    from meshpatch.routing.outcome import OK, Outcome
-
-    if fault is not None:
+    request = args[0] if args else kwargs.get("request")
+    plan = _prepare(request, "hooks.httpx.handle_request")
+    if plan is None:
+        return wrapped(*args, **kwargs)
+    if not isinstance(plan, _Plan):
+        return plan  # answered by the mesh
+    if plan.fault is not None:
         try:
-            if fault.delay:
-                _time.sleep(fault.delay)
-            if fault.abort_http is not None:
-                call.aborted(fault.abort_http)
-                plan.restore(request)
-                return _local_response(request, fault.abort_http, b"fault filter abort")
+            if plan.fault.delay:
+                _time.sleep(plan.fault.delay)
+            aborted = _abort(plan, request)
         finally:
-            fault.done()
+            plan.fault.done()
+        if aborted is not None:
+            return aborted
     try:
         while True:
-            try:
-                pick = call.next_pick()
-                plan.aim(request, pick)
-            except MeshError as exc:
-                raise _error(request, exc) from exc
-            pick.started()
+            pick = _begin(plan, request)
             response = error = None
             try:
                 if plan.mesh_tls is not None:
                     response = _mesh_transport(plan.mesh_tls).handle_request(request)
                 else:
                     response = wrapped(request, *args[1:], **kwargs)
-                outcome = Outcome(OK, response.status_code)
             except BaseException as exc:
                 error = exc
-                outcome = _outcome_from_error(exc)
-            pick.finished(outcome)
-            call.attempt_finished()
-            delay = call.retry_delay(outcome)
+            delay = _end(plan, pick, response, error)
             if delay is None:
                 break
             if response is not None:
@@ -355,73 +397,44 @@ def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: 
             _time.sleep(delay)
     finally:
         plan.restore(request)
-    if error is not None:
-        raise error
-    return plan.finish_response(response)
+    return _result(plan, response, error)
 
 
 async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
     if is_suppressed() or getattr(instance, "_meshpatch_owned", False):
         return await wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
-    try:
-        lanes.outbound_http(request.headers)
-        started = _start(request)
-        if started is None:
-            return await wrapped(*args, **kwargs)
-        router, call = started
-        local = _local_answer(request, call)
-        if local is not None:
-            return local
-        fault = call.fault()
-        plan = _Plan(request, router, call)
-    except MeshError as exc:
-        raise _error(request, exc) from exc
-    except Exception as exc:
-        safety.internal_error("hooks.httpx.handle_async_request", exc)
+    plan = _prepare(request, "hooks.httpx.handle_async_request")
+    if plan is None:
         return await wrapped(*args, **kwargs)
-    import asyncio
-
-    from meshpatch.routing.outcome import OK, Outcome
-
-    if fault is not None:
+    if not isinstance(plan, _Plan):
+        return plan  # answered by the mesh
+    if plan.fault is not None:
         try:
-            if fault.delay:
-                await asyncio.sleep(fault.delay)
-            if fault.abort_http is not None:
-                call.aborted(fault.abort_http)
-                plan.restore(request)
-                return _local_response(request, fault.abort_http, b"fault filter abort")
+            if plan.fault.delay:
+                await _async_sleep(plan.fault.delay)
+            aborted = _abort(plan, request)
         finally:
-            fault.done()
+            plan.fault.done()
+        if aborted is not None:
+            return aborted
     try:
         while True:
-            try:
-                pick = call.next_pick()
-                plan.aim(request, pick)
-            except MeshError as exc:
-                raise _error(request, exc) from exc
-            pick.started()
+            pick = _begin(plan, request)
             response = error = None
             try:
                 if plan.mesh_tls is not None:
                     response = await _mesh_async_transport(plan.mesh_tls).handle_async_request(request)
                 else:
                     response = await wrapped(request, *args[1:], **kwargs)
-                outcome = Outcome(OK, response.status_code)
             except BaseException as exc:
                 error = exc
-                outcome = _outcome_from_error(exc)
-            pick.finished(outcome)
-            call.attempt_finished()
-            delay = call.retry_delay(outcome)
+            delay = _end(plan, pick, response, error)
             if delay is None:
                 break
             if response is not None:
                 await response.aclose()
-            await asyncio.sleep(delay)
+            await _async_sleep(delay)
     finally:
         plan.restore(request)
-    if error is not None:
-        raise error
-    return plan.finish_response(response)
+    return _result(plan, response, error)
