@@ -14,7 +14,6 @@ call.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import grpc
@@ -24,10 +23,14 @@ from meshpatch import lanes, safety
 from meshpatch.api import MeshError
 
 from . import grpc_hook
-from ._common import current_agent, is_patched, is_suppressed, mark_patched
-from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
+from meshpatch.internal import suppressed
 
-_Key = Optional[Tuple[str, int]]
+from ._common import is_patched, is_suppressed, mark_patched
+from ._grpc_mtls import attempt_key
+from ._grpc_channel import RoutedChannelCore, plan_channel
+from ._grpc_target import MeshTarget
+
+_Key = Optional[Tuple[Any, ...]]
 
 
 def patch(aio: Any) -> str:
@@ -38,22 +41,13 @@ def patch(aio: Any) -> str:
     wrapt.wrap_function_wrapper(aio, "insecure_channel", _insecure_channel_wrapper)
     wrapt.wrap_function_wrapper(aio, "secure_channel", _secure_channel_wrapper)
     mark_patched(aio)
-    return "grpc.aio: insecure_channel/secure_channel routed per RPC"
+    from . import grpc_server_security
+
+    return "grpc.aio: insecure_channel/secure_channel routed per RPC; " + grpc_server_security.patch_aio(aio)
 
 
 def _plan(target: Any) -> Optional[MeshTarget]:
-    try:
-        parsed = parse_target(target)
-        if parsed is None:
-            return None
-        agent = current_agent()
-        if agent is None:
-            return None
-        agent.prefetch(parsed.host, parsed.port, "grpc")
-        return parsed
-    except Exception as exc:
-        safety.internal_error("hooks.grpc_aio.channel", exc)
-        return None
+    return plan_channel(target, "hooks.grpc_aio.channel")
 
 
 def _bind_insecure(target: Any, options: Any = None, compression: Any = None, interceptors: Any = None) -> Tuple[Any, Any, Any, Any]:
@@ -75,7 +69,10 @@ def _insecure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...]
     if mesh is None:
         return channel
 
-    def factory(endpoint: str, extra: Any) -> Any:
+    def factory(endpoint: str, extra: Any, credentials: Any = None) -> Any:
+        if credentials is not None:  # mesh mTLS sub-channel
+            with suppressed():
+                return grpc.aio.secure_channel(endpoint, credentials, extra, compression, interceptors)
         return wrapped(endpoint, extra, compression, interceptors)
 
     return _mesh_channel(channel, mesh, options, factory, tls=False)
@@ -90,8 +87,9 @@ def _secure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], 
     if mesh is None:
         return channel
 
-    def factory(endpoint: str, extra: Any) -> Any:
-        return wrapped(endpoint, credentials, extra, compression, interceptors)
+    def factory(endpoint: str, extra: Any, mesh_credentials: Any = None) -> Any:
+        # mesh mTLS (cluster TLS in CDS) replaces the app's own channel credentials
+        return wrapped(endpoint, mesh_credentials or credentials, extra, compression, interceptors)
 
     return _mesh_channel(channel, mesh, options, factory, tls=True)
 
@@ -104,72 +102,27 @@ def _mesh_channel(channel: Any, mesh: MeshTarget, options: Any, factory: Any, tl
         return channel
 
 
-class MeshAioChannel(grpc.aio.Channel):
+class MeshAioChannel(RoutedChannelCore, grpc.aio.Channel):
     """A real ``grpc.aio.Channel`` that routes each RPC through the mesh router."""
 
-    def __init__(self, passthrough: Any, mesh: MeshTarget, options: Any, factory: Callable[[str, Any], Any], tls: bool) -> None:
-        self._passthrough = passthrough
-        self._mesh = mesh
-        self._factory = factory
-        self._options = subchannel_options(options, mesh.authority, mesh.host if tls else None)
-        self._subchannels: Dict[Tuple[str, int], Any] = {}
-        self._lock = threading.Lock()
-        self._closed = False
+    _SITE = "hooks.grpc_aio"
+
+    def __init__(self, passthrough: Any, mesh: MeshTarget, options: Any, factory: Callable[..., Any], tls: bool) -> None:
+        self._init_core(passthrough, mesh, options, factory, tls)
 
     def __repr__(self) -> str:
         return f"<meshpatch MeshAioChannel {self._mesh.authority!r} endpoints={len(self._subchannels)}>"
 
+    def _closed_error(self) -> Exception:
+        return grpc.aio.UsageError("Channel is closed.")
+
     def _start(self, method: str, metadata: Any) -> Any:
-        """The routed call for one RPC (None = not in the mesh); raises
-        ``MeshError`` for the caller to turn into a failed call."""
-        if is_suppressed():
-            return None
-        try:
-            agent = current_agent()
-            if agent is None:
-                return None
-            mesh = self._mesh
-            return agent.router.start("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
-        except MeshError:
-            raise
-        except Exception as exc:
-            safety.internal_error("hooks.grpc_aio.pick", exc)
-            return None
+        """The routed call for one RPC (None = not in the mesh); lets MeshError out
+        for the caller to turn into a failed call."""
+        return self._start_call(method, metadata)
 
     def _route(self, method: str, metadata: Any) -> _Key:
-        """Where a call would go (connectivity questions); no attempt is made."""
-        call = self._start(method, metadata)
-        if call is None:
-            return None
-        pick = call.next_pick()
-        return (pick.address, pick.port)
-
-    def _channel_for(self, key: _Key) -> Any:
-        if key is None:
-            return self._passthrough
-        channel = self._subchannels.get(key)
-        if channel is not None:
-            return channel
-        with self._lock:
-            if self._closed:
-                raise grpc.aio.UsageError("Channel is closed.")
-            channel = self._subchannels.get(key)
-            if channel is None:
-                channel = self._factory(endpoint_target(*key), self._options)
-                self._subchannels[key] = channel
-        return channel
-
-    def _connectivity_channel(self) -> Any:
-        try:
-            key = self._route("/", None)
-        except MeshError:
-            key = None
-        if key is None and self._subchannels:
-            key = next(iter(self._subchannels))
-        return self._channel_for(key)
-
-    def endpoints(self) -> Tuple[Tuple[str, int], ...]:
-        return tuple(self._subchannels)
+        return self._route_key(method, metadata)
 
     # grpc.aio.Channel ----------------------------------------------------------
 
@@ -230,12 +183,13 @@ class _Dispatch:
     def _attempt(self, call: Any, request: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
         """Start one attempt: (pick, the real aio call)."""
         pick = call.next_pick()
+        key = attempt_key(pick)
         limit = call.attempt_timeout()
         if limit is not None:
             kwargs = dict(kwargs)
             timeout = kwargs.get("timeout")
             kwargs["timeout"] = limit if timeout is None else min(timeout, limit)
-        rpc = self._callable((pick.address, pick.port))(request, **kwargs)
+        rpc = self._callable(key)(request, **kwargs)
         pick.started()
         return pick, rpc
 

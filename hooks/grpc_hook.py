@@ -16,7 +16,6 @@ argument errors surface where the app expects them).
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import grpc
@@ -27,10 +26,15 @@ from meshpatch.routing import outcome as oc
 
 _GRPC_OK = oc.Outcome(oc.OK, grpc_status="OK")  # immutable in practice: shared by every successful attempt
 
-from ._common import current_agent, is_patched, is_suppressed, mark_patched
-from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
+from meshpatch.internal import suppressed
 
-_Key = Optional[Tuple[str, int]]  # endpoint (address, port); None = the app's own target
+from ._common import is_patched, is_suppressed, mark_patched
+from ._grpc_mtls import attempt_key
+from ._grpc_channel import RoutedChannelCore, plan_channel
+from ._grpc_target import MeshTarget
+
+# endpoint (address, port), plus the ClientTls for mTLS clusters; None = the app's own target
+_Key = Optional[Tuple[Any, ...]]
 
 
 def patch(module: Any) -> str:
@@ -44,6 +48,9 @@ def patch(module: Any) -> str:
         wrapt.wrap_function_wrapper(module, "secure_channel", _secure_channel_wrapper)
         mark_patched(module)
         details.append(f"grpc {getattr(module, '__version__', '?')}: insecure_channel/secure_channel routed per RPC")
+        from . import grpc_server_security
+
+        details.append(grpc_server_security.patch(module))
     aio = getattr(module, "aio", None)
     if aio is not None:
         from . import grpc_aio_hook
@@ -66,19 +73,7 @@ def patch(module: Any) -> str:
 
 
 def _plan(target: Any) -> Optional[MeshTarget]:
-    """The mesh target for a new channel, or None to give the app its own channel."""
-    try:
-        parsed = parse_target(target)
-        if parsed is None:
-            return None
-        agent = current_agent()
-        if agent is None:
-            return None
-        agent.prefetch(parsed.host, parsed.port, "grpc")
-        return parsed
-    except Exception as exc:
-        safety.internal_error("hooks.grpc.channel", exc)
-        return None
+    return plan_channel(target, "hooks.grpc.channel")
 
 
 def _insecure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
@@ -90,7 +85,10 @@ def _insecure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...]
     if mesh is None:
         return channel
 
-    def factory(endpoint: str, extra: Any) -> Any:
+    def factory(endpoint: str, extra: Any, credentials: Any = None) -> Any:
+        if credentials is not None:  # mesh mTLS sub-channel
+            with suppressed():
+                return grpc.secure_channel(endpoint, credentials, extra, compression)
         return wrapped(endpoint, extra, compression)
 
     return _mesh_channel(channel, mesh, options, factory, tls=False)
@@ -105,8 +103,9 @@ def _secure_channel_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], 
     if mesh is None:
         return channel
 
-    def factory(endpoint: str, extra: Any) -> Any:
-        return wrapped(endpoint, credentials, extra, compression)
+    def factory(endpoint: str, extra: Any, mesh_credentials: Any = None) -> Any:
+        # mesh mTLS (cluster TLS in CDS) replaces the app's own channel credentials
+        return wrapped(endpoint, mesh_credentials or credentials, extra, compression)
 
     return _mesh_channel(channel, mesh, options, factory, tls=True)
 
@@ -130,82 +129,33 @@ def _bind_secure(target: Any, credentials: Any, options: Any = None, compression
 # -- the channel ---------------------------------------------------------------
 
 
-class MeshChannel(grpc.Channel):
+class MeshChannel(RoutedChannelCore, grpc.Channel):
     """A real ``grpc.Channel`` that routes each RPC through the mesh router."""
 
-    def __init__(self, passthrough: Any, mesh: MeshTarget, options: Any, factory: Callable[[str, Any], Any], tls: bool) -> None:
-        self._passthrough = passthrough
-        self._mesh = mesh
-        self._factory = factory
-        self._options = subchannel_options(options, mesh.authority, mesh.host if tls else None)
-        self._subchannels: Dict[Tuple[str, int], Any] = {}
+    _SITE = "hooks.grpc"
+
+    def __init__(self, passthrough: Any, mesh: MeshTarget, options: Any, factory: Callable[..., Any], tls: bool) -> None:
+        self._init_core(passthrough, mesh, options, factory, tls)
         self._subscriptions: Dict[Any, Any] = {}
-        self._lock = threading.Lock()
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"<meshpatch MeshChannel {self._mesh.authority!r} endpoints={len(self._subchannels)}>"
 
-    # routing ---------------------------------------------------------------
+    def _closed_error(self) -> Exception:
+        return ValueError("Cannot invoke RPC on closed channel!")
 
     def _start(self, method: str, metadata: Any) -> Any:
-        """The routed call for one RPC (None = not in the mesh); raises the gRPC
-        error for MeshError."""
-        if is_suppressed():
-            return None
+        """The routed call for one RPC (None = not in the mesh); the gRPC error for MeshError."""
         try:
-            agent = current_agent()
-            if agent is None:
-                return None
-            mesh = self._mesh
-            return agent.router.start("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
+            return self._start_call(method, metadata)
         except MeshError as exc:
             raise MeshRpcError(str(exc)) from exc
-        except Exception as exc:
-            safety.internal_error("hooks.grpc.pick", exc)
-            return None
 
     def _route(self, method: str, metadata: Any) -> _Key:
-        """Where a call would go (connectivity questions); no attempt is made."""
-        call = self._start(method, metadata)
-        if call is None:
-            return None
         try:
-            pick = call.next_pick()
+            return self._route_key(method, metadata)
         except MeshError as exc:
             raise MeshRpcError(str(exc)) from exc
-        return (pick.address, pick.port)
-
-    def _channel_for(self, key: _Key) -> Any:
-        if key is None:
-            return self._passthrough
-        channel = self._subchannels.get(key)
-        if channel is not None:
-            return channel
-        with self._lock:
-            if self._closed:
-                raise ValueError("Cannot invoke RPC on closed channel!")
-            channel = self._subchannels.get(key)
-            if channel is None:
-                channel = self._factory(endpoint_target(*key), self._options)
-                self._subchannels[key] = channel
-        return channel
-
-    def _connectivity_channel(self) -> Any:
-        """The channel whose connectivity stands for this one (channel_ready_future):
-        an endpoint the router would pick for a call, else any endpoint in use,
-        else the app's own target."""
-        try:
-            key = self._route("/", None)
-        except grpc.RpcError:
-            key = None
-        if key is None and self._subchannels:
-            key = next(iter(self._subchannels))
-        return self._channel_for(key)
-
-    def endpoints(self) -> Tuple[Tuple[str, int], ...]:
-        """Endpoints this channel has sub-channels to (status output, tests)."""
-        return tuple(self._subchannels)
 
     # grpc.Channel ------------------------------------------------------------
 
@@ -386,16 +336,17 @@ class _Dispatch:
                 fault.done()
         return call, None
 
-    def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+    def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any], Any]:
         try:
             pick = call.next_pick()
+            key = attempt_key(pick)
         except MeshError as exc:
             raise MeshRpcError(str(exc)) from exc
         limit = call.attempt_timeout()
         if limit is not None:
             kwargs = dict(kwargs)
             kwargs["timeout"] = _bounded(kwargs.get("timeout"), limit)
-        return pick, kwargs
+        return pick, kwargs, key
 
     def _blocking(self, how: str, request: Any, kwargs: Dict[str, Any], retry: bool) -> Any:
         """A blocking call: attempts with retries, as Envoy/gRPC A44 do."""
@@ -406,8 +357,8 @@ class _Dispatch:
         if not retry:
             call.retries = 1 << 30
         while True:
-            pick, attempt_kwargs = self._pick(call, kwargs)
-            target = self._callable((pick.address, pick.port))
+            pick, attempt_kwargs, key = self._pick(call, kwargs)
+            target = self._callable(key)
             pick.started()
             error = None
             try:
@@ -439,8 +390,8 @@ class _Dispatch:
         if call is None:
             target = self._callable(None)
             return target(request, **kwargs) if how is None else getattr(target, how)(request, **kwargs)
-        pick, attempt_kwargs = self._pick(call, kwargs)
-        target = self._callable((pick.address, pick.port))
+        pick, attempt_kwargs, key = self._pick(call, kwargs)
+        target = self._callable(key)
         pick.started()
         try:
             rpc = target(request, **attempt_kwargs) if how is None else getattr(target, how)(request, **attempt_kwargs)
@@ -453,14 +404,19 @@ class _Dispatch:
         return report_when_done(rpc, pick, call)
 
 
-class _UnaryUnary(_Dispatch, grpc.UnaryUnaryMultiCallable):
+class _Blocking(_Dispatch):
+    """The three forms of a call with a single response (``__call__``, ``with_call``,
+    ``future``); ``_RETRY`` says whether a failed attempt may be re-sent (a unary
+    request can, a consumed request iterator cannot)."""
+
     __slots__ = ()
+    _RETRY = True
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._blocking("__call__", request, _call_kwargs(args, kwargs), retry=True)
+        return self._blocking("__call__", request, _call_kwargs(args, kwargs), retry=self._RETRY)
 
     def with_call(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._blocking("with_call", request, _call_kwargs(args, kwargs), retry=True)
+        return self._blocking("with_call", request, _call_kwargs(args, kwargs), retry=self._RETRY)
 
     def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -469,7 +425,9 @@ class _UnaryUnary(_Dispatch, grpc.UnaryUnaryMultiCallable):
             return error
 
 
-class _UnaryStream(_Dispatch, grpc.UnaryStreamMultiCallable):
+class _Streaming(_Dispatch):
+    """A call with a response stream: one attempt, outcome reported when it ends."""
+
     __slots__ = ()
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -479,30 +437,21 @@ class _UnaryStream(_Dispatch, grpc.UnaryStreamMultiCallable):
             return error
 
 
-class _StreamUnary(_Dispatch, grpc.StreamUnaryMultiCallable):
+class _UnaryUnary(_Blocking, grpc.UnaryUnaryMultiCallable):
     __slots__ = ()
 
-    def __call__(self, request_iterator: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._blocking("__call__", request_iterator, _call_kwargs(args, kwargs), retry=False)
 
-    def with_call(self, request_iterator: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._blocking("with_call", request_iterator, _call_kwargs(args, kwargs), retry=False)
-
-    def future(self, request_iterator: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self._started(request_iterator, _call_kwargs(args, kwargs), "future")
-        except MeshRpcError as error:
-            return error
-
-
-class _StreamStream(_Dispatch, grpc.StreamStreamMultiCallable):
+class _UnaryStream(_Streaming, grpc.UnaryStreamMultiCallable):
     __slots__ = ()
 
-    def __call__(self, request_iterator: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self._started(request_iterator, _call_kwargs(args, kwargs), None)
-        except MeshRpcError as error:
-            return error
+
+class _StreamUnary(_Blocking, grpc.StreamUnaryMultiCallable):
+    __slots__ = ()
+    _RETRY = False
+
+
+class _StreamStream(_Streaming, grpc.StreamStreamMultiCallable):
+    __slots__ = ()
 
 
 # -- the UNAVAILABLE error for MeshError ----------------------------------------

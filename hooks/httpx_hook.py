@@ -12,14 +12,24 @@ httpcore use the logical name for SNI and certificate verification.  The URL is
 restored before the response reaches the client, so ``response.url``,
 redirects and cookies see the logical name.  Connection pools key on the
 endpoint origin, so keep-alive works per endpoint.
+
+mTLS: when the picked cluster's CDS carries an UpstreamTlsContext the attempt
+goes to ``https://<endpoint>`` through a meshpatch-owned transport per
+(cluster TLS config, certificate generation) built on that config's
+:class:`~meshpatch.security.client_tls.MeshSSLContext` (which checks the
+peer's SPIFFE SANs), instead of the app's transport: the app's own TLS
+settings are about its plain URL, not mesh identities.  Those transports keep
+their connections alive; a rotation starts a new one for new connections.
 """
 
 from __future__ import annotations
 
+import time as _time
 from typing import Any, Optional, Tuple
 
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
+from meshpatch.routing.outcome import OK, Outcome
 
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 
@@ -58,18 +68,25 @@ def _start(request: Any) -> Optional[Tuple[Any, Any]]:
     return agent.router, call
 
 
-def _endpoint_url(url: Any, address: str, port: int, raw_path: Optional[bytes] = None) -> Any:
-    """``url`` with the endpoint's host/port (and a rewritten path).  ``URL.copy_with``
-    re-parses and re-validates the whole URL (~12 us); the parsed form is a
-    NamedTuple, so swap the fields directly when this httpx has that layout."""
+def _endpoint_url(url: Any, address: str, port: int, raw_path: Optional[bytes] = None, scheme: Optional[str] = None) -> Any:
+    """``url`` with the endpoint's host/port (and a rewritten path / scheme).
+    ``URL.copy_with`` re-parses and re-validates the whole URL (~12 us); the
+    parsed form is a NamedTuple, so swap the fields directly when this httpx
+    has that layout."""
     reference = getattr(url, "_uri_reference", None)
     if raw_path is None and reference is not None and hasattr(reference, "_replace") and address.replace(".", "").isdigit():
         new = url.__class__.__new__(url.__class__)
-        new._uri_reference = reference._replace(host=address, port=port)
+        if scheme is None:
+            new._uri_reference = reference._replace(host=address, port=port)
+        else:
+            new._uri_reference = reference._replace(host=address, port=port, scheme=scheme)
         return new
+    changes: dict = {"host": address, "port": port}
     if raw_path is not None:
-        return url.copy_with(host=address, port=port, raw_path=raw_path)
-    return url.copy_with(host=address, port=port)
+        changes["raw_path"] = raw_path
+    if scheme is not None:
+        changes["scheme"] = scheme
+    return url.copy_with(**changes)
 
 
 def _error(request: Any, exc: MeshError) -> Exception:
@@ -104,7 +121,7 @@ def _outcome_from_error(exc: BaseException) -> Any:
 class _Plan:
     """What stays the same across the attempts of one httpx request."""
 
-    __slots__ = ("call", "url", "raw_path", "tls_host", "saved_headers", "saved_extensions", "ops")
+    __slots__ = ("call", "url", "raw_path", "tls_host", "saved_headers", "saved_extensions", "ops", "mesh_tls", "fault")
 
     def __init__(self, request: Any, router: Any, call: Any) -> None:
         from meshpatch.routing.call import apply_header_ops
@@ -117,6 +134,7 @@ class _Plan:
         self.tls_host = (host_rewrite or self.url.host) if self.url.scheme == "https" else None
         self.saved_extensions = dict(request.extensions)
         self.saved_headers = None
+        self.mesh_tls: Any = None
         self.ops = call.header_ops()
         if self.ops or host_rewrite:
             self.saved_headers = request.headers.copy()
@@ -131,9 +149,14 @@ class _Plan:
             call.retries = 1 << 30  # a streamed body cannot be sent twice
 
     def aim(self, request: Any, pick: Any) -> None:
-        request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path)
-        if self.tls_host is not None:
-            request.extensions["sni_hostname"] = self.tls_host
+        self.mesh_tls = mesh_tls = _mesh_tls(pick)
+        if mesh_tls is not None:
+            request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path, "https")
+            request.extensions.pop("sni_hostname", None)
+        else:
+            request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path)
+            if self.tls_host is not None:
+                request.extensions["sni_hostname"] = self.tls_host
         timeout = self.call.attempt_timeout()
         if timeout is not None:
             current = dict(request.extensions.get("timeout") or {})
@@ -158,6 +181,67 @@ class _Plan:
             except Exception as exc:
                 safety.internal_error("hooks.httpx.response_headers", exc)
         return response
+
+
+_of_pick: Any = None
+
+
+def _mesh_tls(pick: Any) -> Any:
+    global _of_pick
+    if _of_pick is None:
+        from meshpatch.security.client_tls import of_pick
+
+        _of_pick = of_pick
+    return _of_pick(pick)
+
+
+_mesh_transports: dict = {}
+_mesh_async_transports: Any = None
+
+
+def _mesh_transport(mesh_tls: Any) -> Any:
+    """The sync transport for one (TLS config, generation); marked as meshpatch's
+    own so the routing wrapper passes its calls straight through."""
+    transport = _mesh_transports.get(mesh_tls.channel_key)
+    if transport is None:
+        import httpx
+
+        transport = httpx.HTTPTransport(verify=mesh_tls.ssl_context, trust_env=False)
+        transport._meshpatch_owned = True  # type: ignore[attr-defined]
+        _remember(_mesh_transports, mesh_tls, transport)
+    return transport
+
+
+def _mesh_async_transport(mesh_tls: Any) -> Any:
+    """Async transports hold connections bound to one event loop: one per loop."""
+    global _mesh_async_transports
+    import asyncio
+    import weakref
+
+    if _mesh_async_transports is None:
+        _mesh_async_transports = weakref.WeakKeyDictionary()
+    loop = asyncio.get_running_loop()
+    per_loop = _mesh_async_transports.get(loop)
+    if per_loop is None:
+        per_loop = _mesh_async_transports[loop] = {}
+    transport = per_loop.get(mesh_tls.channel_key)
+    if transport is None:
+        import httpx
+
+        transport = httpx.AsyncHTTPTransport(verify=mesh_tls.ssl_context, trust_env=False)
+        transport._meshpatch_owned = True  # type: ignore[attr-defined]
+        _remember(per_loop, mesh_tls, transport)
+    return transport
+
+
+def _remember(cache: dict, mesh_tls: Any, transport: Any) -> None:
+    """Keep the new transport and the previous generation's (its in-flight
+    requests finish on their connections); older generations are dropped."""
+    config_key = mesh_tls.channel_key[0]
+    same_config = [key for key in cache if key[0] == config_key]
+    for key in same_config[:-1]:
+        cache.pop(key, None)
+    cache[mesh_tls.channel_key] = transport
 
 
 def _replayable(request: Any) -> bool:
@@ -211,58 +295,101 @@ def _mirror(router: Any, call: Any, request: Any, raw_path: Optional[bytes]) -> 
         mirror.submit(send)
 
 
-def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
-    if is_suppressed():
-        return wrapped(*args, **kwargs)
-    request = args[0] if args else kwargs.get("request")
+def _prepare(request: Any, site: str) -> Any:
+    """The shared prologue: None = not in the mesh (send as is), a response = the
+    mesh answered locally (direct response / redirect), else the call's _Plan."""
     try:
         lanes.outbound_http(request.headers)
         started = _start(request)
         if started is None:
-            return wrapped(*args, **kwargs)
+            return None
         router, call = started
         local = _local_answer(request, call)
         if local is not None:
             return local
         fault = call.fault()
         plan = _Plan(request, router, call)
+        plan.fault = fault
+        return plan
     except MeshError as exc:
         raise _error(request, exc) from exc
     except Exception as exc:
-        safety.internal_error("hooks.httpx.handle_request", exc)
+        safety.internal_error(site, exc)
+        return None
+
+
+def _begin(plan: Any, request: Any) -> Any:
+    """One attempt starts: its endpoint, the request aimed at it."""
+    try:
+        pick = plan.call.next_pick()
+        plan.aim(request, pick)
+    except MeshError as exc:
+        raise _error(request, exc) from exc
+    pick.started()
+    return pick
+
+
+def _end(plan: Any, pick: Any, response: Any, error: Optional[BaseException]) -> Optional[float]:
+    """One attempt ended: report it; the delay before a retry, or None when done."""
+    outcome = _outcome_from_error(error) if error is not None else Outcome(OK, response.status_code)
+    pick.finished(outcome)
+    call = plan.call
+    call.attempt_finished()
+    return call.retry_delay(outcome)
+
+
+def _abort(plan: Any, request: Any) -> Optional[Any]:
+    """The fault filter's abort response, if this call drew one."""
+    fault = plan.fault
+    if fault.abort_http is None:
+        return None
+    plan.call.aborted(fault.abort_http)
+    plan.restore(request)
+    return _local_response(request, fault.abort_http, b"fault filter abort")
+
+
+async def _async_sleep(delay: float) -> None:
+    import asyncio  # only async apps get here; httpx itself does not import asyncio
+
+    await asyncio.sleep(delay)
+
+
+def _result(plan: Any, response: Any, error: Optional[BaseException]) -> Any:
+    if error is not None:
+        raise error
+    return plan.finish_response(response)
+
+
+def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
+    if is_suppressed() or getattr(instance, "_meshpatch_owned", False):
         return wrapped(*args, **kwargs)
-    import time as _time
-
-    from meshpatch.routing.outcome import OK, Outcome
-
-    if fault is not None:
+    request = args[0] if args else kwargs.get("request")
+    plan = _prepare(request, "hooks.httpx.handle_request")
+    if plan is None:
+        return wrapped(*args, **kwargs)
+    if not isinstance(plan, _Plan):
+        return plan  # answered by the mesh
+    if plan.fault is not None:
         try:
-            if fault.delay:
-                _time.sleep(fault.delay)
-            if fault.abort_http is not None:
-                call.aborted(fault.abort_http)
-                plan.restore(request)
-                return _local_response(request, fault.abort_http, b"fault filter abort")
+            if plan.fault.delay:
+                _time.sleep(plan.fault.delay)
+            aborted = _abort(plan, request)
         finally:
-            fault.done()
+            plan.fault.done()
+        if aborted is not None:
+            return aborted
     try:
         while True:
-            try:
-                pick = call.next_pick()
-            except MeshError as exc:
-                raise _error(request, exc) from exc
-            plan.aim(request, pick)
-            pick.started()
+            pick = _begin(plan, request)
             response = error = None
             try:
-                response = wrapped(request, *args[1:], **kwargs)
-                outcome = Outcome(OK, response.status_code)
+                if plan.mesh_tls is not None:
+                    response = _mesh_transport(plan.mesh_tls).handle_request(request)
+                else:
+                    response = wrapped(request, *args[1:], **kwargs)
             except BaseException as exc:
                 error = exc
-                outcome = _outcome_from_error(exc)
-            pick.finished(outcome)
-            call.attempt_finished()
-            delay = call.retry_delay(outcome)
+            delay = _end(plan, pick, response, error)
             if delay is None:
                 break
             if response is not None:
@@ -270,70 +397,44 @@ def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: 
             _time.sleep(delay)
     finally:
         plan.restore(request)
-    if error is not None:
-        raise error
-    return plan.finish_response(response)
+    return _result(plan, response, error)
 
 
 async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
-    if is_suppressed():
+    if is_suppressed() or getattr(instance, "_meshpatch_owned", False):
         return await wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
-    try:
-        lanes.outbound_http(request.headers)
-        started = _start(request)
-        if started is None:
-            return await wrapped(*args, **kwargs)
-        router, call = started
-        local = _local_answer(request, call)
-        if local is not None:
-            return local
-        fault = call.fault()
-        plan = _Plan(request, router, call)
-    except MeshError as exc:
-        raise _error(request, exc) from exc
-    except Exception as exc:
-        safety.internal_error("hooks.httpx.handle_async_request", exc)
+    plan = _prepare(request, "hooks.httpx.handle_async_request")
+    if plan is None:
         return await wrapped(*args, **kwargs)
-    import asyncio
-
-    from meshpatch.routing.outcome import OK, Outcome
-
-    if fault is not None:
+    if not isinstance(plan, _Plan):
+        return plan  # answered by the mesh
+    if plan.fault is not None:
         try:
-            if fault.delay:
-                await asyncio.sleep(fault.delay)
-            if fault.abort_http is not None:
-                call.aborted(fault.abort_http)
-                plan.restore(request)
-                return _local_response(request, fault.abort_http, b"fault filter abort")
+            if plan.fault.delay:
+                await _async_sleep(plan.fault.delay)
+            aborted = _abort(plan, request)
         finally:
-            fault.done()
+            plan.fault.done()
+        if aborted is not None:
+            return aborted
     try:
         while True:
-            try:
-                pick = call.next_pick()
-            except MeshError as exc:
-                raise _error(request, exc) from exc
-            plan.aim(request, pick)
-            pick.started()
+            pick = _begin(plan, request)
             response = error = None
             try:
-                response = await wrapped(request, *args[1:], **kwargs)
-                outcome = Outcome(OK, response.status_code)
+                if plan.mesh_tls is not None:
+                    response = await _mesh_async_transport(plan.mesh_tls).handle_async_request(request)
+                else:
+                    response = await wrapped(request, *args[1:], **kwargs)
             except BaseException as exc:
                 error = exc
-                outcome = _outcome_from_error(exc)
-            pick.finished(outcome)
-            call.attempt_finished()
-            delay = call.retry_delay(outcome)
+            delay = _end(plan, pick, response, error)
             if delay is None:
                 break
             if response is not None:
                 await response.aclose()
-            await asyncio.sleep(delay)
+            await _async_sleep(delay)
     finally:
         plan.restore(request)
-    if error is not None:
-        raise error
-    return plan.finish_response(response)
+    return _result(plan, response, error)

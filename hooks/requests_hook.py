@@ -14,6 +14,13 @@ the duration of the send:
   so redirects, cookies and the app only ever see logical names.
 
 The app's request is sent exactly once; nothing retries it.
+
+mTLS: when the picked cluster's CDS carries an UpstreamTlsContext the attempt
+goes to ``https://<endpoint>`` with the cluster's
+:class:`~meshpatch.security.client_tls.MeshSSLContext` put into urllib3's pool
+key (``ssl_context``, ``assert_hostname=False``; the context checks the peer's
+SPIFFE SANs itself), and the app's ``verify``/``cert`` are not used for it:
+they were about the app's own (plain) URL, not the mesh's identities.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ from ._common import current_agent, is_patched, is_suppressed, mark_patched
 #: endpoint; read by the pool-key wrapper (the request is the one object both
 #: calls see, and it is per call, so no ContextVar is needed).
 TLS_HOST_ATTR = "_meshpatch_tls_host"
+#: The :class:`~meshpatch.security.client_tls.ClientTls` of an mTLS attempt.
+MESH_TLS_ATTR = "_meshpatch_mesh_tls"
+_SEND_ARGS = ("stream", "timeout", "verify", "cert", "proxies")
+_of_pick: Any = None
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -222,6 +233,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     send_kwargs = kwargs
     response = None
     error: Optional[BaseException] = None
+    used_mesh_tls = False
     try:
         while True:
             pick = call.next_pick()
@@ -230,13 +242,22 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
                 send_kwargs = dict(kwargs)
                 send_kwargs["timeout"] = _bounded_timeout(kwargs.get("timeout"), attempt_timeout)
             address = f"[{pick.address}]" if ":" in pick.address else pick.address
-            request.url = f"{scheme}://{address}:{pick.port}{tail}"
-            if tls_host is not None:
-                setattr(request, TLS_HOST_ATTR, tls_host)
+            mesh_tls = _mesh_tls(pick)
+            if mesh_tls is not None:
+                request.url = f"https://{address}:{pick.port}{tail}"
+                setattr(request, MESH_TLS_ATTR, mesh_tls)
+                used_mesh_tls = True
+                attempt_args: Tuple[Any, ...] = ()
+                attempt_kwargs = _mesh_send_kwargs(args, send_kwargs)
+            else:
+                request.url = f"{scheme}://{address}:{pick.port}{tail}"
+                if tls_host is not None:
+                    setattr(request, TLS_HOST_ATTR, tls_host)
+                attempt_args, attempt_kwargs = args[1:], send_kwargs
             pick.started()
             response = error = None
             try:
-                response = wrapped(request, *args[1:], **send_kwargs)
+                response = wrapped(request, *attempt_args, **attempt_kwargs)
                 outcome = Outcome(OK, response.status_code)
             except BaseException as exc:  # classified, reported, then re-raised below
                 error = exc
@@ -251,11 +272,12 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             _time.sleep(delay)
     finally:
         request.url = url
-        if tls_host is not None:
-            try:
-                delattr(request, TLS_HOST_ATTR)
-            except AttributeError:
-                pass
+        for attr, used in ((TLS_HOST_ATTR, tls_host is not None), (MESH_TLS_ATTR, used_mesh_tls)):
+            if used:
+                try:
+                    delattr(request, attr)
+                except AttributeError:
+                    pass
         if saved_headers is not None:
             request.headers = saved_headers
         elif add_host:
@@ -272,6 +294,27 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     except Exception as exc:  # an adapter subclass returning something odd
         safety.internal_error("hooks.requests.response", exc)
     return response
+
+
+def _mesh_tls(pick: Any) -> Any:
+    """The cluster's mTLS material for this attempt, or None for plaintext."""
+    global _of_pick
+    if _of_pick is None:
+        from meshpatch.security.client_tls import of_pick
+
+        _of_pick = of_pick
+    return _of_pick(pick)
+
+
+def _mesh_send_kwargs(args: Tuple[Any, ...], kwargs: Any) -> Any:
+    """``HTTPAdapter.send`` arguments for an mTLS attempt: the app's stream /
+    timeout / proxies, and ``verify=True, cert=None`` so requests puts no CA file
+    or client certificate of the app's on the mesh connection."""
+    merged = dict(zip(_SEND_ARGS, args[1:]))
+    merged.update(kwargs)
+    merged["verify"] = True
+    merged["cert"] = None
+    return merged
 
 
 def _bounded_timeout(app_timeout: Any, limit: float) -> Any:
@@ -314,9 +357,26 @@ def _mirror(router: Any, call: Any, request: Any, scheme: str, tail: str) -> Non
         mirror.submit(send)
 
 
+_MESH_DROPPED_POOL_KWARGS = ("ca_certs", "ca_cert_dir", "ca_cert_data", "cert_file", "key_file", "key_password",
+                             "server_hostname", "assert_fingerprint")
+
+
 def _pool_key_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
     result = wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
+    mesh_tls = getattr(request, MESH_TLS_ATTR, None)
+    if mesh_tls is not None:
+        try:
+            host_params, pool_kwargs = result
+            for key in _MESH_DROPPED_POOL_KWARGS:
+                pool_kwargs.pop(key, None)
+            pool_kwargs["ssl_context"] = mesh_tls.ssl_context
+            pool_kwargs["cert_reqs"] = "CERT_REQUIRED"
+            pool_kwargs["assert_hostname"] = False  # the context checks SPIFFE SANs instead
+        except Exception as exc:
+            safety.internal_error("hooks.requests.pool_key", exc)
+            raise
+        return result
     tls_host = getattr(request, TLS_HOST_ATTR, None)
     if tls_host is None:
         return result

@@ -95,6 +95,98 @@ def _parse_path(environ, name: str):
     if not value.startswith("/"):
         raise ConfigError(name, f"{raw!r} is not an absolute path", f"set {name} to an absolute path")
     return value
+_OUTLIER_PREFIX = "MESHPATCH_OUTLIER_"
+# MESHPATCH_OUTLIER_<NAME> → (OutlierDetection field, kind): int, pct (0-100), secs, bool.
+OUTLIER_ENV_FIELDS = {
+    "CONSECUTIVE_5XX": ("consecutive_5xx", "int"),
+    "ENFORCING_CONSECUTIVE_5XX": ("enforcing_consecutive_5xx", "pct"),
+    "CONSECUTIVE_GATEWAY_FAILURE": ("consecutive_gateway_failure", "int"),
+    "ENFORCING_CONSECUTIVE_GATEWAY_FAILURE": ("enforcing_consecutive_gateway_failure", "pct"),
+    "CONSECUTIVE_LOCAL_ORIGIN_FAILURE": ("consecutive_local_origin_failure", "int"),
+    "ENFORCING_CONSECUTIVE_LOCAL_ORIGIN_FAILURE": ("enforcing_consecutive_local_origin_failure", "pct"),
+    "SPLIT_EXTERNAL_LOCAL_ORIGIN_ERRORS": ("split_external_local_origin_errors", "bool"),
+    "INTERVAL": ("interval", "secs"),
+    "BASE_EJECTION_TIME": ("base_ejection_time", "secs"),
+    "MAX_EJECTION_TIME": ("max_ejection_time", "secs"),
+    "MAX_EJECTION_TIME_JITTER": ("max_ejection_time_jitter", "secs"),
+    "MAX_EJECTION_PERCENT": ("max_ejection_percent", "pct"),
+    "ALWAYS_EJECT_ONE_HOST": ("always_eject_one_host", "bool"),
+    "SUCCESS_RATE_MINIMUM_HOSTS": ("success_rate_minimum_hosts", "int"),
+    "SUCCESS_RATE_REQUEST_VOLUME": ("success_rate_request_volume", "int"),
+    "SUCCESS_RATE_STDEV_FACTOR": ("success_rate_stdev_factor", "int"),
+    "ENFORCING_SUCCESS_RATE": ("enforcing_success_rate", "pct"),
+    "ENFORCING_LOCAL_ORIGIN_SUCCESS_RATE": ("enforcing_local_origin_success_rate", "pct"),
+    "FAILURE_PERCENTAGE_THRESHOLD": ("failure_percentage_threshold", "pct"),
+    "FAILURE_PERCENTAGE_MINIMUM_HOSTS": ("failure_percentage_minimum_hosts", "int"),
+    "FAILURE_PERCENTAGE_REQUEST_VOLUME": ("failure_percentage_request_volume", "int"),
+    "ENFORCING_FAILURE_PERCENTAGE": ("enforcing_failure_percentage", "pct"),
+    "ENFORCING_FAILURE_PERCENTAGE_LOCAL_ORIGIN": ("enforcing_failure_percentage_local_origin", "pct"),
+}
+
+
+def parse_outlier_env(environ=os.environ):
+    """MESHPATCH_OUTLIER_DETECTION (``on``/``off``, default on) and the
+    MESHPATCH_OUTLIER_<FIELD> defaults, as ``(mode, {field: value})``.
+
+    Applied to clusters whose CDS carries no outlier_detection (istiod never
+    sends one to proxyless clients).  With no MESHPATCH_OUTLIER_<FIELD> set the
+    built-in connect-failure detector runs; ``off`` disables both.  Field names
+    are Envoy's OutlierDetection fields in upper case, e.g.
+    MESHPATCH_OUTLIER_CONSECUTIVE_5XX=3, MESHPATCH_OUTLIER_INTERVAL=5s.
+    """
+    name = "MESHPATCH_OUTLIER_DETECTION"
+    raw = (environ.get(name) or "on").strip().lower()
+    if raw in _TRUE or raw == "builtin":
+        mode = "on"
+    elif raw in _FALSE or raw in ("none", "disabled"):
+        mode = "off"
+    else:
+        raise ConfigError(name, f"{raw!r} is not on/off", f"set {name} to on or off")
+    values = {}
+    for key in sorted(environ):
+        if not key.startswith(_OUTLIER_PREFIX) or key == name:
+            continue
+        spec = OUTLIER_ENV_FIELDS.get(key[len(_OUTLIER_PREFIX):])
+        if spec is None:
+            known = ", ".join(_OUTLIER_PREFIX + k for k in sorted(OUTLIER_ENV_FIELDS))
+            raise ConfigError(key, "unknown outlier detection setting", f"use one of {known}")
+        field, kind = spec
+        text = environ[key].strip()
+        if not text:
+            continue
+        if kind == "bool":
+            values[field] = _parse_bool(environ, key, False)
+        elif kind == "secs":
+            values[field] = _parse_float(environ, key, 0.0, 0.0, 86400.0)
+        else:
+            try:
+                number = int(text.rstrip("%"))
+            except ValueError:
+                raise ConfigError(key, f"{text!r} is not a whole number", f"set {key} to e.g. 5") from None
+            top = 100 if kind == "pct" else 1_000_000
+            if not (0 <= number <= top):
+                raise ConfigError(key, f"{number} is out of range", f"set {key} between 0 and {top}")
+            values[field] = number
+    if mode == "off" and values:
+        raise ConfigError(name, "is off but MESHPATCH_OUTLIER_* defaults are set", f"unset {name} or the defaults")
+    base = values.get("base_ejection_time", 30.0)
+    if values.get("max_ejection_time", max(300.0, base)) < base:
+        raise ConfigError("MESHPATCH_OUTLIER_MAX_EJECTION_TIME", "is smaller than the base ejection time",
+                          "set it to at least MESHPATCH_OUTLIER_BASE_EJECTION_TIME (default 30s)")
+    if values.get("interval", 10.0) <= 0:
+        raise ConfigError("MESHPATCH_OUTLIER_INTERVAL", "must be greater than 0", "set it to e.g. 10s")
+    return mode, values
+
+
+def parse_ring_size_cap(environ=os.environ) -> int:
+    """MESHPATCH_RING_HASH_SIZE_CAP: gRPC's ring-size cap (4096) unless raised (Envoy: 8388608)."""
+    name = "MESHPATCH_RING_HASH_SIZE_CAP"
+    raw = (environ.get(name) or "").strip()
+    if not raw:
+        return 4096
+    if not raw.isdigit() or not (1 <= int(raw) <= 8_388_608):
+        raise ConfigError(name, f"{raw!r} is not a ring size", f"set {name} between 1 and 8388608")
+    return int(raw)
 
 
 class Settings:
@@ -116,6 +208,8 @@ class Settings:
         "runtime_dir",
         "fail_mode",
         "hold_until_ready",
+        "outlier",
+        "ring_size_cap",
         "registry",
         "registry_aliases",
     )
@@ -150,6 +244,10 @@ class Settings:
                               "set it to open (call goes out unrouted) or closed (call fails fast)")
         self.fail_mode = mode
         self.hold_until_ready = _parse_float(environ, "MESHPATCH_HOLD_UNTIL_READY", 0.0, 0.0, 600.0)
+        # Validated here so a bad value switches meshpatch off at start with a
+        # clear message; the cluster code reads the same variables when needed.
+        self.outlier = parse_outlier_env(environ)
+        self.ring_size_cap = parse_ring_size_cap(environ)
         # Parsed (with their own ConfigErrors) when the agent is built: see meshpatch.registries.config.
         self.registry = (environ.get("MESHPATCH_REGISTRY") or "").strip() or None
         self.registry_aliases = (environ.get("MESHPATCH_REGISTRY_ALIASES") or "").strip() or None

@@ -65,9 +65,17 @@ def status() -> Dict[str, Any]:
         "registries": _registries(agent),
         "lanes": _lanes(),
         "telemetry": _telemetry(),
+        "security": _security(),
         "internal_errors": safety.error_counts(),
     }
     return out
+
+
+def _security() -> Dict[str, Any]:
+    """Certificate providers, managed gRPC server ports, RBAC counters (meshpatch.security)."""
+    from meshpatch import security
+
+    return security.status()
 
 
 def _agent_absent_reason() -> str:
@@ -201,12 +209,22 @@ def _clusters(agent: Any) -> List[Dict[str, Any]]:
             "state": getattr(handle, "state", "?"),
             "eds_service_name": getattr(handle, "eds_name", None),
             "lb_policy": getattr(config, "lb_policy", None),
+            "mtls": _cluster_tls(config),
             "in_flight": getattr(handle, "in_flight", None),
             "picker": getattr(picker, "reason", "") or type(picker).__name__,
             "lanes": list(lane_picker.lanes()) if lane_picker is not None else [],
             "endpoints": endpoints,
         })
     return out
+
+
+def _cluster_tls(config: Any) -> Optional[Dict[str, Any]]:
+    """The cluster's mTLS origination (None = plaintext)."""
+    tls = getattr(config, "tls", None)
+    if tls is None:
+        return None
+    return {"identity": tls.identity.instance if tls.identity else None, "ca": tls.ca.instance,
+            "match_subject_alt_names": [m.describe() for m in tls.sans]}
 
 
 def _endpoint(handle: Any, ep: Any, priority: int, label: str, in_rotation: bool) -> Dict[str, Any]:

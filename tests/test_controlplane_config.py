@@ -87,7 +87,8 @@ def test_all_kinds_parse_with_defaults_and_every_api_version() -> None:
     assert (we.meta.namespace, we.spec.address, we.spec.service_account) == ("prod", "127.0.0.5", "vm-sa")
     (dr,) = cfg.destination_rules
     assert dr.traffic_policy.load_balancer.consistent_hash.http_header_name == "x-user"
-    assert dr.traffic_policy.outlier_detection == {"consecutive5xxErrors": 3, "interval": "5s"}  # kept, not translated
+    od = dr.traffic_policy.outlier_detection
+    assert (od.consecutive_5xx_errors, od.interval, od.consecutive_gateway_errors) == (3, Duration(5), None)
     assert dr.traffic_policy.port_level_settings[0].load_balancer.simple == "ROUND_ROBIN"
     assert dr.subsets[0].traffic_policy.load_balancer.simple == "LEAST_REQUEST"
     (vs,) = cfg.virtual_services

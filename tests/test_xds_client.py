@@ -100,13 +100,13 @@ def test_nack_keeps_valid_resources_and_last_good(ads: ScriptedAds, mesh: Mesh) 
     ads.on_request = None
     # A response with one bad cluster (unsupported LB) and the good one changed: NACK naming the bad one,
     # the good one still applied, version stays at the last accepted one.
-    bad = res.cluster("outbound|7070|bad|x", lb=cluster_pb2.Cluster.MAGLEV)
+    bad = res.cluster("outbound|7070|bad|x", lb=cluster_pb2.Cluster.CLUSTER_PROVIDED)
     count = len(ads.streams[0].requests)
     good = res.cluster(V1)
     ads.respond(CDS, [good, bad], "v2")
     nack = ads.wait_request(CDS, lambda r: r.HasField("error_detail"), after=count)
     assert nack.version_info == "v1"
-    assert "MAGLEV" in nack.error_detail.message and "outbound|7070|bad|x" in nack.error_detail.message
+    assert "CLUSTER_PROVIDED" in nack.error_detail.message and "outbound|7070|bad|x" in nack.error_detail.message
     assert mesh.client.resource_status(CDS, V1) == ACKED
     assert mesh.router.pick("http", "echo", 7070, "GET", "/").address == "127.0.0.2"  # type: ignore[union-attr]
     # A broken route config: NACKed, previous routes stay in force.

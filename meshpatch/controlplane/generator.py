@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
@@ -26,23 +26,35 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 
 from .istio_config import (
+    ConnectionPool,
     ConsistentHash,
     Duration,
+    HeaderOperations,
+    Headers,
+    HTTPDirectResponse,
     HTTPFaultInjection,
     HTTPMatchRequest,
+    HTTPRedirect,
     HTTPRetry,
     HTTPRoute,
+    LocalityLbSetting,
+    OutlierDetection,
     LoadBalancerSettings,
     ServicePort,
     StringMatch,
     TrafficPolicy,
     VirtualService,
+    WarmupConfig,
+    parse_duration,
     split_host_port,
 )
+from . import security
+from .locality import apply_locality_lb
 from .snapshot import Endpoint, ProxyNode, Service, Snapshot, is_http_or_sniffed, is_ip, resolve_short_name
 
 log = logging.getLogger("meshpatch.controlplane")
@@ -61,6 +73,8 @@ FAULT_FILTER = "envoy.filters.http.fault"
 ROUTER_FILTER = "envoy.filters.http.router"
 DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
 DEFAULT_MIN_RING_SIZE = 1024
+# Istio's default MeshConfig enables locality load balancing mesh-wide.
+MESH_LOCALITY_LB_SETTING = LocalityLbSetting(enabled=True)
 
 Resource = Tuple[str, Message]
 
@@ -170,9 +184,7 @@ def _http_filters() -> List[hcm_pb2.HttpFilter]:
 def build_listeners(snap: Snapshot, node: ProxyNode, names: Sequence[str], wildcard: bool) -> List[Resource]:
     flt = None if wildcard else _listener_filter(names, node)
     inbound = [n for n in names if n.startswith(INBOUND_LISTENER_PREFIX)]
-    if inbound:
-        log.info("meshpatch control plane: inbound (server) listeners are not generated yet: %s", ", ".join(inbound))
-    out: List[Resource] = []
+    out: List[Resource] = list(security.build_inbound_listeners(snap, node, inbound)) if inbound else []
     for svc in snap.services_sorted(node.namespace):
         if flt is None:
             requested, ports = {svc.hostname}, None
@@ -367,30 +379,88 @@ def _source_matches(m: Optional[HTTPMatchRequest], node: ProxyNode) -> bool:
 def _translate_route(
     snap: Snapshot, node: ProxyNode, vs: VirtualService, http: HTTPRoute, m: Optional[HTTPMatchRequest], listen_port: int
 ) -> Optional[rc.Route]:
+    """route.go TranslateRoute."""
     if m is not None and m.port and m.port != listen_port:
         return None
     if not _source_matches(m, node):
         return None
-    if not http.route:
-        # redirect / directResponse / delegate are not translated yet; gRPC ignores such routes anyway.
+    if not (http.route or http.redirect or http.direct_response):
         log.info(
-            "meshpatch control plane: VirtualService %s/%s route %r has no destinations (redirect/directResponse/delegate "
-            "are not translated); route skipped", vs.meta.namespace, vs.meta.name, http.name,
+            "meshpatch control plane: VirtualService %s/%s route %r delegates (delegate is not translated); route skipped",
+            vs.meta.namespace, vs.meta.name, http.name,
         )
         return None
     name = http.name
     if m is not None and m.name:
         name = f"{name}.{m.name}"
     out = rc.Route(name=name, match=translate_match(m), metadata=_config_metadata(vs))
+    if m is not None and m.stat_prefix:
+        out.stat_prefix = m.stat_prefix
+    authority = ""
+    if http.headers is not None:
+        ops = translate_headers(http.headers)
+        out.request_headers_to_add.extend(ops.request_add)
+        out.response_headers_to_add.extend(ops.response_add)
+        out.request_headers_to_remove.extend(ops.request_remove)
+        out.response_headers_to_remove.extend(ops.response_remove)
+        authority = ops.authority
+    if http.redirect is not None:
+        out.redirect.CopyFrom(translate_redirect(http.redirect, listen_port))
+    elif http.direct_response is not None:
+        out.direct_response.CopyFrom(translate_direct_response(http.direct_response))
+    else:
+        _apply_route_destination(out, snap, node, vs, http, authority, listen_port)
+    out.decorator.operation = _route_operation(out, vs.meta.name, listen_port)
+    if http.fault is not None:
+        f = translate_fault(http.fault)
+        if f is not None:
+            out.typed_per_filter_config[FAULT_FILTER].CopyFrom(_pack(f))
+    if http.cors_policy is not None:
+        # istiod would add an envoy.filters.http.cors per-route config, which makes
+        # gRPC clients NACK the whole RouteConfiguration (A39); meshpatch does no CORS.
+        log.info("meshpatch control plane: VirtualService %s/%s route %r: corsPolicy is not translated",
+                 vs.meta.namespace, vs.meta.name, http.name)
+    return out
+
+
+def _apply_route_destination(
+    out: rc.Route, snap: Snapshot, node: ProxyNode, vs: VirtualService, http: HTTPRoute, authority: str, listen_port: int
+) -> None:
+    """route.go applyHTTPRouteDestination (sidecar outbound, proxyless timeouts)."""
     action = rc.RouteAction(timeout=_duration(http.timeout) if http.timeout else duration_pb2.Duration())
     # Proxyless: gRPC only reads max_stream_duration (A31).
     action.max_stream_duration.max_stream_duration.CopyFrom(action.timeout)
-    hashes: List[Optional[ConsistentHash]] = []
+    if http.rewrite is not None:
+        if http.rewrite.uri_regex is not None:
+            pattern, substitution = http.rewrite.uri_regex
+            action.regex_rewrite.pattern.regex = pattern
+            action.regex_rewrite.substitution = substitution
+        elif http.rewrite.uri:
+            action.prefix_rewrite = http.rewrite.uri
+        if http.rewrite.authority:
+            authority = http.rewrite.authority
+    if authority:
+        action.host_rewrite_literal = authority
+    for cluster, fraction in _mirror_targets(snap, vs, http, listen_port):
+        action.request_mirror_policies.append(
+            rc.RouteAction.RequestMirrorPolicy(
+                cluster=cluster,
+                runtime_fraction=base_pb2.RuntimeFractionalPercent(default_value=fraction),
+                trace_sampled=wrappers_pb2.BoolValue(value=False),
+            )
+        )
     if len(http.route) == 1:
         dst = http.route[0]
         action.cluster = _destination_cluster(snap, vs, dst.destination.host, dst.destination.subset, dst.destination.port, listen_port)
+        if dst.headers is not None:
+            ops = translate_headers(dst.headers)
+            out.request_headers_to_add.extend(ops.request_add)
+            out.request_headers_to_remove.extend(ops.request_remove)
+            out.response_headers_to_add.extend(ops.response_add)
+            out.response_headers_to_remove.extend(ops.response_remove)
+            if ops.authority and action.WhichOneof("host_rewrite_specifier") is None:
+                action.host_rewrite_literal = ops.authority
         h = _destination_hash(snap, node, vs, dst.destination.host, dst.destination.subset, dst.destination.port)
-        hashes.append(h)
         hp = _hash_policy(h)
         if hp is not None:
             action.hash_policy.append(hp)
@@ -400,12 +470,19 @@ def _translate_route(
         for dst in http.route:
             if dst.weight == 0:
                 continue
-            weighted.clusters.append(
-                rc.WeightedCluster.ClusterWeight(
-                    name=_destination_cluster(snap, vs, dst.destination.host, dst.destination.subset, dst.destination.port, listen_port),
-                    weight=wrappers_pb2.UInt32Value(value=dst.weight),
-                )
+            cw = rc.WeightedCluster.ClusterWeight(
+                name=_destination_cluster(snap, vs, dst.destination.host, dst.destination.subset, dst.destination.port, listen_port),
+                weight=wrappers_pb2.UInt32Value(value=dst.weight),
             )
+            if dst.headers is not None:
+                ops = translate_headers(dst.headers)
+                cw.request_headers_to_add.extend(ops.request_add)
+                cw.request_headers_to_remove.extend(ops.request_remove)
+                cw.response_headers_to_add.extend(ops.response_add)
+                cw.response_headers_to_remove.extend(ops.response_remove)
+                if ops.authority:
+                    cw.host_rewrite_literal = ops.authority
+            weighted.clusters.append(cw)
             hp = _hash_policy(_destination_hash(snap, node, vs, dst.destination.host, dst.destination.subset, dst.destination.port))
             if hp is not None:
                 action.hash_policy.append(hp)
@@ -415,11 +492,111 @@ def _translate_route(
     if rp is not None:
         action.retry_policy.CopyFrom(rp)
     out.route.CopyFrom(action)
-    out.decorator.operation = _route_operation(out, vs.meta.name, listen_port)
-    if http.fault is not None:
-        f = translate_fault(http.fault)
-        if f is not None:
-            out.typed_per_filter_config[FAULT_FILTER].CopyFrom(_pack(f))
+
+
+def _mirror_targets(snap: Snapshot, vs: VirtualService, http: HTTPRoute, listen_port: int) -> List[Tuple[str, percent_pb2.FractionalPercent]]:
+    """route.go MirrorPercent / MirrorPercentByPolicy: an explicit 0 % means no mirror."""
+    out: List[Tuple[str, percent_pb2.FractionalPercent]] = []
+    if http.mirror is not None:
+        fraction: Optional[percent_pb2.FractionalPercent]
+        if http.mirror_percentage is not None:
+            fraction = _million(http.mirror_percentage) if http.mirror_percentage > 0 else None
+        elif http.mirror_percent is not None:
+            fraction = _hundred(http.mirror_percent) if http.mirror_percent > 0 else None
+        else:
+            fraction = _hundred(100)
+        if fraction is not None:
+            d = http.mirror
+            out.append((_destination_cluster(snap, vs, d.host, d.subset, d.port, listen_port), fraction))
+    for mp in http.mirrors:
+        if mp.percentage is not None and mp.percentage <= 0:
+            continue
+        fraction = _million(mp.percentage) if mp.percentage is not None else _hundred(100)
+        d = mp.destination
+        out.append((_destination_cluster(snap, vs, d.host, d.subset, d.port, listen_port), fraction))
+    return out
+
+
+class HeaderOps:
+    """route.go HeadersOperations."""
+
+    __slots__ = ("request_add", "response_add", "request_remove", "response_remove", "authority")
+
+    def __init__(self) -> None:
+        self.request_add: List[base_pb2.HeaderValueOption] = []
+        self.response_add: List[base_pb2.HeaderValueOption] = []
+        self.request_remove: List[str] = []
+        self.response_remove: List[str] = []
+        self.authority = ""
+
+
+def _is_internal_header(key: str) -> bool:
+    return key.startswith(":") or key.lower() == "host"
+
+
+def _append_headers(headers: Dict[str, str], append: bool) -> Tuple[List[base_pb2.HeaderValueOption], str]:
+    """route.go translateAppendHeaders: ``:authority``/``host`` become a host
+    rewrite, other pseudo-headers are dropped, the rest sorted by name."""
+    authority = ""
+    out: List[base_pb2.HeaderValueOption] = []
+    action = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD if append else base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    for key, value in headers.items():
+        if key.lower() in (":authority", "host"):
+            authority = value
+        if _is_internal_header(key):
+            continue
+        out.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value), append_action=action))
+    out.sort(key=lambda o: o.header.key)
+    return out, authority
+
+
+def translate_headers(h: Headers) -> HeaderOps:
+    """route.go TranslateHeadersOperations."""
+    ops = HeaderOps()
+    req = h.request or HeaderOperations()
+    resp = h.response or HeaderOperations()
+    set_req, set_authority = _append_headers(req.set, False)
+    add_req, add_authority = _append_headers(req.add, True)
+    ops.request_add = set_req + add_req
+    ops.response_add = _append_headers(resp.set, False)[0] + _append_headers(resp.add, True)[0]
+    ops.request_remove = [k for k in req.remove if not _is_internal_header(k)]
+    ops.response_remove = [k for k in resp.remove if not _is_internal_header(k)]
+    ops.authority = set_authority or add_authority
+    return ops
+
+
+_REDIRECT_CODE = {
+    0: rc.RedirectAction.MOVED_PERMANENTLY, 301: rc.RedirectAction.MOVED_PERMANENTLY, 302: rc.RedirectAction.FOUND,
+    303: rc.RedirectAction.SEE_OTHER, 307: rc.RedirectAction.TEMPORARY_REDIRECT, 308: rc.RedirectAction.PERMANENT_REDIRECT,
+}
+
+
+def translate_redirect(r: HTTPRedirect, listen_port: int) -> rc.RedirectAction:
+    """route.go ApplyRedirect for a sidecar (never TLS-terminating)."""
+    out = rc.RedirectAction(host_redirect=r.authority, response_code=_REDIRECT_CODE[r.redirect_code])
+    if r.prefix_rewrite:
+        out.prefix_rewrite = r.prefix_rewrite
+    else:
+        out.path_redirect = r.uri  # set even when "" (= keep the path), as istiod does
+    if r.scheme:
+        out.scheme_redirect = r.scheme
+    if r.port is not None or r.derive_port:
+        if r.port is not None:
+            out.port_redirect = r.port
+        elif r.derive_port == "FROM_REQUEST_PORT":
+            out.port_redirect = listen_port  # routes are built per listener port
+        scheme = r.scheme or "http"
+        if (out.port_redirect, scheme) in ((80, "http"), (443, "https")):
+            out.port_redirect = 0
+    return out
+
+
+def translate_direct_response(d: HTTPDirectResponse) -> rc.DirectResponseAction:
+    out = rc.DirectResponseAction(status=d.status)
+    if d.body_string is not None:
+        out.body.inline_string = d.body_string
+    elif d.body_bytes is not None:
+        out.body.inline_bytes = d.body_bytes
     return out
 
 
@@ -517,7 +694,6 @@ def retry_policy(retries: Optional[HTTPRetry], consistent_hash: bool) -> Optiona
         num_retries=wrappers_pb2.UInt32Value(value=2),
         retry_on=DEFAULT_RETRY_ON,
         host_selection_retry_max_attempts=5,
-        retriable_status_codes=[503],
     )
     if not consistent_hash:
         out.retry_host_predicate.append(_previous_hosts())
@@ -536,7 +712,6 @@ def retry_policy(retries: Optional[HTTPRetry], consistent_hash: bool) -> Optiona
             else:
                 words.append(part)
         out.retry_on = ",".join(words)
-        del out.retriable_status_codes[:]
         out.retriable_status_codes.extend(codes)
         if codes and "retriable-status-codes" not in out.retry_on:
             out.retry_on += ",retriable-status-codes"
@@ -546,6 +721,13 @@ def retry_policy(retries: Optional[HTTPRetry], consistent_hash: bool) -> Optiona
         del out.retry_host_predicate[:]
         if retries.retry_ignore_previous_hosts:
             out.retry_host_predicate.append(_previous_hosts())
+    if retries.retry_remote_localities:
+        out.retry_priority.CopyFrom(
+            rc.RetryPolicy.RetryPriority(
+                name="envoy.retry_priorities.previous_priorities",
+                typed_config=_pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=2)),
+            )
+        )
     if retries.backoff is not None:
         out.retry_back_off.base_interval.CopyFrom(_duration(retries.backoff))
     return out
@@ -567,7 +749,7 @@ def translate_fault(f: HTTPFaultInjection) -> Optional[fault_pb2.HTTPFault]:
         if f.delay.percentage is not None:
             d.percentage.CopyFrom(_million(f.delay.percentage))
         else:
-            d.percentage.CopyFrom(percent_pb2.FractionalPercent(numerator=f.delay.percent or 0, denominator=percent_pb2.FractionalPercent.HUNDRED))
+            d.percentage.CopyFrom(_hundred(f.delay.percent or 0))
         out.delay.CopyFrom(d)
         has = True
     if f.abort is not None and (f.abort.http_status is not None or f.abort.grpc_status):
@@ -590,7 +772,12 @@ def translate_fault(f: HTTPFaultInjection) -> Optional[fault_pb2.HTTPFault]:
 
 
 def _million(pct: float) -> percent_pb2.FractionalPercent:
+    """translatePercentToFractionalPercent: Go's uint32(value * 10000) truncation."""
     return percent_pb2.FractionalPercent(numerator=int(pct * 10000), denominator=percent_pb2.FractionalPercent.MILLION)
+
+
+def _hundred(pct: int) -> percent_pb2.FractionalPercent:
+    return percent_pb2.FractionalPercent(numerator=pct, denominator=percent_pb2.FractionalPercent.HUNDRED)
 
 
 # --------------------------------------------------------------------------- consistent hash
@@ -651,9 +838,9 @@ def _hash_policy(ch: Optional[ConsistentHash]) -> Optional[rc.RouteAction.HashPo
         cookie = ch.http_cookie or {}
         c = rc.RouteAction.HashPolicy.Cookie(name=str(cookie.get("name", "")), path=str(cookie.get("path", "") or ""))
         if cookie.get("ttl") is not None:
-            from .istio_config import parse_duration
-
             c.ttl.CopyFrom(_duration(parse_duration(cookie["ttl"], "ttl")))
+        for attr in cookie.get("attributes") or []:
+            c.attributes.append(rc.RouteAction.HashPolicy.CookieAttribute(name=str(attr.get("name", "")), value=str(attr.get("value", ""))))
         return rc.RouteAction.HashPolicy(cookie=c)
     if kind == "source_ip":
         return rc.RouteAction.HashPolicy(connection_properties=rc.RouteAction.HashPolicy.ConnectionProperties(source_ip=True))
@@ -665,22 +852,37 @@ def _hash_policy(ch: Optional[ConsistentHash]) -> Optional[rc.RouteAction.HashPo
 # --------------------------------------------------------------------------- CDS
 
 
-def merge_traffic_policy(base: Optional[TrafficPolicy], override: Optional[TrafficPolicy], port: int) -> TrafficPolicy:
-    """MergeTrafficPolicy: port-level settings of each layer apply to that
-    port; a layer's set fields replace the layer below wholesale."""
-    out = TrafficPolicy()
-    for layer in (base, override):
-        if layer is None:
-            continue
-        for attr in ("load_balancer", "connection_pool", "outlier_detection", "tls"):
-            if getattr(layer, attr) is not None:
-                setattr(out, attr, getattr(layer, attr))
-        for pls in layer.port_level_settings:
-            if pls.port == port:
-                for attr in ("load_balancer", "connection_pool", "outlier_detection", "tls"):
-                    if getattr(pls, attr) is not None:
-                        setattr(out, attr, getattr(pls, attr))
-    return out
+_POLICY_FIELDS = ("load_balancer", "connection_pool", "outlier_detection", "tls")
+
+
+def port_level_policy(policy: Optional[TrafficPolicy], port: int) -> Tuple[Optional[TrafficPolicy], bool]:
+    """util.GetPortLevelTrafficPolicy: a matching portLevelSettings entry
+    replaces the whole policy (its unset fields fall back to defaults, not to
+    the destination-level values)."""
+    if policy is None:
+        return None, False
+    for pls in policy.port_level_settings:
+        if pls.port == port:
+            return TrafficPolicy(**{a: getattr(pls, a) for a in _POLICY_FIELDS}), True
+    return policy, False
+
+
+def merge_traffic_policy(base: Optional[TrafficPolicy], subset: Optional[TrafficPolicy], port: int) -> TrafficPolicy:
+    """util.MergeSubsetTrafficPolicy: the DR's (port-level) policy, overridden
+    field by field by the subset's; a subset port-level entry overrides all
+    four fields, set or not."""
+    original, _ = port_level_policy(base, port)
+    if subset is None:
+        return original or TrafficPolicy()
+    sub, has_port_level = port_level_policy(subset, port)
+    assert sub is not None
+    if original is None:
+        return sub
+    merged = TrafficPolicy(**{a: getattr(original, a) for a in _POLICY_FIELDS})
+    for a in _POLICY_FIELDS:
+        if getattr(sub, a) is not None or has_port_level:
+            setattr(merged, a, getattr(sub, a))
+    return merged
 
 
 def build_clusters(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> List[Resource]:
@@ -702,16 +904,17 @@ def build_clusters(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> Lis
             log.warning("meshpatch control plane: cds for %s: no service port for cluster %s", node.id, default_key)
             continue
         dr = snap.destination_rule(hostname, node.namespace, svc.namespace)
-        policy = merge_traffic_policy(None, dr.traffic_policy if dr else None, port_num)
+        policy = merge_traffic_policy(dr.traffic_policy if dr else None, None, port_num)
         if default_key in requested and default_key not in emitted:
-            out.append((default_key, _eds_cluster(default_key, policy, node)))
+            out.append((default_key, security.apply_tls(_eds_cluster(default_key, policy, node), policy.tls, svc, node)))
             emitted.add(default_key)
         for subset in dr.subsets if dr else []:
             key = subset_key(subset.name, hostname, port_num)
             if key in requested and key not in emitted:
-                cluster = _eds_cluster(key, merge_traffic_policy(policy, subset.traffic_policy, port_num), node)
+                merged = merge_traffic_policy(policy, subset.traffic_policy, port_num)
+                cluster = _eds_cluster(key, merged, node)
                 _add_subset_labels(cluster, subset.labels)
-                out.append((key, cluster))
+                out.append((key, security.apply_tls(cluster, merged.tls, svc, node)))
                 emitted.add(key)
     return out
 
@@ -725,6 +928,11 @@ def _add_subset_labels(cluster: cluster_pb2.Cluster, labels: Dict[str, str]) -> 
 
 
 def _eds_cluster(name: str, policy: TrafficPolicy, node: ProxyNode) -> cluster_pb2.Cluster:
+    """grpcgen clusterBuilder.edsCluster + applyTrafficPolicy.  What istiod
+    sends proxyless clients keeps its shape (lb_policy, ring hash size,
+    circuit_breakers.max_requests); what it drops for them (outlier detection,
+    slow start, the other circuit-breaker limits, RANDOM) is emitted where
+    istiod puts it for Envoy sidecars, so meshpatch can honour it."""
     c = cluster_pb2.Cluster(
         name=name,
         alt_stat_name=name + ";",
@@ -736,19 +944,37 @@ def _eds_cluster(name: str, policy: TrafficPolicy, node: ProxyNode) -> cluster_p
     )
     _apply_load_balancer(c, policy.load_balancer, node)
     _apply_connection_pool(c, policy.connection_pool)
+    _apply_outlier_detection(c, policy.outlier_detection)
+    _apply_locality_lb_config(c, policy)
     return c
 
 
 def _apply_load_balancer(c: cluster_pb2.Cluster, lb: Optional[LoadBalancerSettings], node: ProxyNode) -> None:
     if lb is None:
         return
-    if lb.simple == "LEAST_REQUEST":
-        c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
-    elif lb.simple not in ("", "ROUND_ROBIN"):
-        log.warning("meshpatch control plane: cannot apply LbPolicy %s to %s", lb.simple, node.id)
     ch = lb.consistent_hash
-    if ch is None:
+    if ch is not None:
+        _apply_ring_hash(c, ch)
         return
+    if lb.simple in ("", "ROUND_ROBIN"):
+        # gRPC's default; grpcgen leaves lb_policy unset.
+        if lb.warmup is not None:
+            c.round_robin_lb_config.slow_start_config.CopyFrom(_slow_start(lb.warmup))
+    elif lb.simple in ("LEAST_REQUEST", "LEAST_CONN"):
+        c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
+        if lb.warmup is not None:
+            c.least_request_lb_config.slow_start_config.CopyFrom(_slow_start(lb.warmup))
+    elif lb.simple == "RANDOM":
+        # istiod drops RANDOM for proxyless clients (they fall back to round robin);
+        # we send it as istiod does for sidecars because meshpatch implements it.
+        # grpcio NACKs such a cluster (as it does LEAST_REQUEST and MAGLEV).
+        c.lb_policy = cluster_pb2.Cluster.RANDOM
+    else:
+        log.warning("meshpatch control plane: cannot apply LbPolicy %s to %s", lb.simple, node.id)
+
+
+def _apply_ring_hash(c: cluster_pb2.Cluster, ch: ConsistentHash) -> None:
+    """cluster_traffic_policy.go ApplyRingHashLoadBalancer."""
     if ch.maglev is not None:
         c.lb_policy = cluster_pb2.Cluster.MAGLEV
         size = int(ch.maglev.get("tableSize") or 0)
@@ -764,16 +990,88 @@ def _apply_load_balancer(c: cluster_pb2.Cluster, lb: Optional[LoadBalancerSettin
         c.ring_hash_lb_config.minimum_ring_size.value = ch.minimum_ring_size or DEFAULT_MIN_RING_SIZE
 
 
-def _apply_connection_pool(c: cluster_pb2.Cluster, pool: Optional[Dict[str, object]]) -> None:
-    http = (pool or {}).get("http") if isinstance(pool, dict) else None
-    if isinstance(http, dict):
-        max_requests = http.get("http2MaxRequests")
-        if isinstance(max_requests, int) and max_requests > 0:
-            c.circuit_breakers.CopyFrom(
-                circuit_breaker_pb2.CircuitBreakers(
-                    thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(max_requests=wrappers_pb2.UInt32Value(value=max_requests))]
-                )
-            )
+def _slow_start(w: WarmupConfig) -> cluster_pb2.Cluster.SlowStartConfig:
+    """setSlowStartConfig (warmupDurationSecs) / setWarmup (warmup)."""
+    out = cluster_pb2.Cluster.SlowStartConfig(slow_start_window=_duration(w.duration))
+    if not w.legacy:
+        out.aggression.CopyFrom(base_pb2.RuntimeDouble(default_value=w.aggression if w.aggression is not None else 1.0, runtime_key="("))
+        out.min_weight_percent.value = w.minimum_percent if w.minimum_percent is not None else 10.0
+    return out
+
+
+def _apply_connection_pool(c: cluster_pb2.Cluster, pool: Optional[ConnectionPool]) -> None:
+    """grpcgen applyCircuitBreakers (max_requests only, A32) extended with the
+    other limits when set; unset limits stay unset (the client's defaults)."""
+    if pool is None:
+        return
+    t = circuit_breaker_pb2.CircuitBreakers.Thresholds()
+    for attr, value in (
+        ("max_requests", pool.http2_max_requests),
+        ("max_pending_requests", pool.http1_max_pending_requests),
+        ("max_retries", pool.max_retries),
+        ("max_connections", pool.max_connections),
+    ):
+        if value > 0:
+            getattr(t, attr).value = value
+    if t.ListFields():
+        c.circuit_breakers.thresholds.append(t)
+    if pool.connect_timeout is not None:
+        c.connect_timeout.CopyFrom(_duration(pool.connect_timeout))
+
+
+def _apply_outlier_detection(c: cluster_pb2.Cluster, od: Optional[OutlierDetection]) -> None:
+    """cluster_traffic_policy.go applyOutlierDetection (sidecar shape; istiod
+    sends none to proxyless clients)."""
+    if od is None:
+        return
+    out = outlier_detection_pb2.OutlierDetection(enforcing_success_rate=wrappers_pb2.UInt32Value(value=0))
+    if od.consecutive_5xx_errors is not None:
+        v = od.consecutive_5xx_errors
+        out.consecutive_5xx.value = v
+        out.enforcing_consecutive_5xx.value = 100 if v > 0 else 0
+    if od.consecutive_gateway_errors is not None:
+        v = od.consecutive_gateway_errors
+        out.consecutive_gateway_failure.value = v
+        out.enforcing_consecutive_gateway_failure.value = 100 if v > 0 else 0
+    if od.interval is not None:
+        out.interval.CopyFrom(_duration(od.interval))
+    if od.base_ejection_time is not None:
+        out.base_ejection_time.CopyFrom(_duration(od.base_ejection_time))
+    if od.max_ejection_percent > 0:
+        out.max_ejection_percent.value = od.max_ejection_percent
+    if od.split_external_local_origin_errors:
+        out.split_external_local_origin_errors = True
+        if od.consecutive_local_origin_failures:
+            out.consecutive_local_origin_failure.value = od.consecutive_local_origin_failures
+            out.enforcing_consecutive_local_origin_failure.value = 100
+        out.enforcing_local_origin_success_rate.value = 0
+    if od.http_error_codes:
+        log.info("meshpatch control plane: %s: outlierDetectionHttpErrorCodes is not translated", c.name)
+    c.outlier_detection.CopyFrom(out)
+    # Panic threshold off unless minHealthPercent says otherwise (set even when 0).
+    c.common_lb_config.healthy_panic_threshold.value = float(od.min_health_percent)
+
+
+def _apply_locality_lb_config(c: cluster_pb2.Cluster, policy: TrafficPolicy) -> None:
+    """loadbalancer.go LocalityLBSettings.ApplyToCluster's cluster half: Envoy
+    only honours locality weights with locality_weighted_lb_config (the EDS
+    half, priorities and weights, is in :func:`cluster_load_assignment`)."""
+    setting = effective_locality_setting(policy.load_balancer)
+    if setting is None:
+        return
+    failover_on = policy.outlier_detection is not None
+    if (failover_on and (setting.failover or setting.failover_priority)) or setting.distribute:
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
+
+
+def effective_locality_setting(lb: Optional[LoadBalancerSettings]) -> Optional[LocalityLbSetting]:
+    """loadbalancer.go GetEffectiveLbSetting with Istio's default mesh config
+    (localityLbSetting {enabled: true})."""
+    if lb is not None and lb.locality_lb_setting is not None:
+        if lb.locality_lb_setting.enabled is False:
+            return None
+        return lb.locality_lb_setting
+    return MESH_LOCALITY_LB_SETTING
 
 
 # --------------------------------------------------------------------------- EDS
@@ -787,6 +1085,8 @@ def build_endpoints(snap: Snapshot, node: ProxyNode, names: Sequence[str]) -> Li
 
 
 def cluster_load_assignment(snap: Snapshot, node: ProxyNode, name: str) -> endpoint_pb2.ClusterLoadAssignment:
+    """endpoint_builder.go BuildClusterLoadAssignment, including the per-proxy
+    locality rewrite (priorities / weights) of loadbalancer.go."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     parsed = parse_subset_key(name)
     if parsed is None:
@@ -796,12 +1096,11 @@ def cluster_load_assignment(snap: Snapshot, node: ProxyNode, name: str) -> endpo
     port = svc.port(port_num) if svc else None
     if svc is None or port is None:
         return cla
-    labels: Dict[str, str] = {}
-    if subset_name:
-        dr = snap.destination_rule(hostname, node.namespace, svc.namespace)
-        sub = snap.subset(dr, subset_name)
-        labels = dict(sub.labels) if sub is not None else {}
+    dr = snap.destination_rule(hostname, node.namespace, svc.namespace)
+    sub = snap.subset(dr, subset_name) if subset_name else None
+    labels: Dict[str, str] = dict(sub.labels) if sub is not None else {}
     groups: Dict[str, List[endpoint_components_pb2.LbEndpoint]] = {}
+    group_labels: Dict[str, List[Dict[str, str]]] = {}
     weights: Dict[str, int] = {}
     localities = {}
     for ep in svc.endpoints:
@@ -812,6 +1111,7 @@ def cluster_load_assignment(snap: Snapshot, node: ProxyNode, name: str) -> endpo
         key = ep.locality.label
         localities[key] = ep.locality
         groups.setdefault(key, []).append(_lb_endpoint(ep, ep.port_for(port), svc))
+        group_labels.setdefault(key, []).append(ep.labels)
         weights[key] = min(weights.get(key, 0) + ep.weight, 2**32 - 1)
     for key in sorted(groups):
         loc = localities[key]
@@ -821,6 +1121,16 @@ def cluster_load_assignment(snap: Snapshot, node: ProxyNode, name: str) -> endpo
                 lb_endpoints=groups[key],
                 load_balancing_weight=wrappers_pb2.UInt32Value(value=weights[key]),
             )
+        )
+    if not cla.endpoints or dr is None:
+        return cla
+    policy = merge_traffic_policy(dr.traffic_policy, sub.traffic_policy if sub else None, port_num)
+    setting = effective_locality_setting(policy.load_balancer)
+    if setting is not None:
+        region, zone, sub_zone = node.locality
+        apply_locality_lb(
+            cla, [group_labels[k] for k in sorted(groups)], base_pb2.Locality(region=region, zone=zone, sub_zone=sub_zone),
+            node.label_map, setting, enable_failover=policy.outlier_detection is not None,
         )
     return cla
 

@@ -133,7 +133,7 @@ class Destination:
 class HTTPRouteDestination:
     destination: Destination
     weight: int = 0
-    headers: Optional[Dict[str, Any]] = None
+    headers: Optional["Headers"] = None
 
 
 @dataclass
@@ -168,6 +168,53 @@ class HTTPFaultInjection:
 
 
 @dataclass
+class HeaderOperations:
+    """Istio ``Headers.HeaderOperations``: ``set`` overwrites, ``add`` appends."""
+
+    set: Dict[str, str] = field(default_factory=dict)
+    add: Dict[str, str] = field(default_factory=dict)
+    remove: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Headers:
+    request: Optional[HeaderOperations] = None
+    response: Optional[HeaderOperations] = None
+
+
+@dataclass
+class HTTPRewrite:
+    uri: str = ""
+    authority: str = ""
+    # uriRegexRewrite {match, rewrite}; None when not given.
+    uri_regex: Optional[Tuple[str, str]] = None
+
+
+@dataclass
+class HTTPRedirect:
+    uri: str = ""
+    authority: str = ""
+    port: Optional[int] = None
+    derive_port: str = ""  # "" | FROM_PROTOCOL_DEFAULT | FROM_REQUEST_PORT
+    scheme: str = ""
+    redirect_code: int = 0
+    prefix_rewrite: str = ""
+
+
+@dataclass
+class HTTPDirectResponse:
+    status: int
+    body_string: Optional[str] = None
+    body_bytes: Optional[bytes] = None
+
+
+@dataclass
+class HTTPMirrorPolicy:
+    destination: Destination
+    percentage: Optional[float] = None
+
+
+@dataclass
 class HTTPRoute:
     name: str = ""
     match: List[HTTPMatchRequest] = field(default_factory=list)
@@ -175,14 +222,17 @@ class HTTPRoute:
     timeout: Optional[Duration] = None
     retries: Optional[HTTPRetry] = None
     fault: Optional[HTTPFaultInjection] = None
-    # Parsed but not translated yet (kept for later issues).
-    redirect: Optional[Dict[str, Any]] = None
-    direct_response: Optional[Dict[str, Any]] = None
+    redirect: Optional[HTTPRedirect] = None
+    direct_response: Optional[HTTPDirectResponse] = None
+    rewrite: Optional[HTTPRewrite] = None
+    headers: Optional[Headers] = None
+    mirror: Optional[Destination] = None
+    mirror_percent: Optional[int] = None  # deprecated integer percent
+    mirror_percentage: Optional[float] = None
+    mirrors: List[HTTPMirrorPolicy] = field(default_factory=list)
+    # Parsed but not translated (delegate needs gateway semantics; CORS would make
+    # gRPC clients NACK the whole RouteConfiguration, xds-istio.md §3.4).
     delegate: Optional[Dict[str, Any]] = None
-    rewrite: Optional[Dict[str, Any]] = None
-    headers: Optional[Dict[str, Any]] = None
-    mirror: Optional[Dict[str, Any]] = None
-    mirrors: Optional[List[Any]] = None
     cors_policy: Optional[Dict[str, Any]] = None
     raw: Dict[str, Any] = field(default_factory=dict)
 
@@ -223,28 +273,81 @@ class ConsistentHash:
 
 
 @dataclass
+class LocalityDistribute:
+    from_: str
+    to: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LocalityLbSetting:
+    distribute: List[LocalityDistribute] = field(default_factory=list)
+    failover: List[Tuple[str, str]] = field(default_factory=list)  # (from region, to region)
+    failover_priority: List[str] = field(default_factory=list)
+    enabled: Optional[bool] = None
+
+
+@dataclass
+class WarmupConfig:
+    """``warmup`` (or the deprecated ``warmupDurationSecs``, which sets only the duration)."""
+
+    duration: Duration
+    minimum_percent: Optional[float] = None
+    aggression: Optional[float] = None
+    legacy: bool = False  # from warmupDurationSecs: Envoy defaults, no aggression/min weight sent
+
+
+@dataclass
 class LoadBalancerSettings:
     simple: str = ""  # "" = UNSPECIFIED
     consistent_hash: Optional[ConsistentHash] = None
-    locality_lb_setting: Optional[Dict[str, Any]] = None
-    warmup_duration_secs: Optional[str] = None
+    locality_lb_setting: Optional[LocalityLbSetting] = None
+    warmup: Optional[WarmupConfig] = None
     raw: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ConnectionPool:
+    """Istio ``ConnectionPoolSettings``; 0 / None = not set."""
+
+    max_connections: int = 0
+    connect_timeout: Optional[Duration] = None
+    http1_max_pending_requests: int = 0
+    http2_max_requests: int = 0
+    max_requests_per_connection: int = 0
+    max_retries: int = 0
+    idle_timeout: Optional[Duration] = None
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutlierDetection:
+    """Istio ``OutlierDetection``; None = not set (Envoy's default applies)."""
+
+    consecutive_5xx_errors: Optional[int] = None
+    consecutive_gateway_errors: Optional[int] = None
+    consecutive_local_origin_failures: Optional[int] = None
+    split_external_local_origin_errors: bool = False
+    interval: Optional[Duration] = None
+    base_ejection_time: Optional[Duration] = None
+    max_ejection_percent: int = 0
+    min_health_percent: int = 0
+    http_error_codes: List[int] = field(default_factory=list)
 
 
 @dataclass
 class PortTrafficPolicy:
     port: int
     load_balancer: Optional[LoadBalancerSettings] = None
-    connection_pool: Optional[Dict[str, Any]] = None
-    outlier_detection: Optional[Dict[str, Any]] = None
+    connection_pool: Optional[ConnectionPool] = None
+    outlier_detection: Optional[OutlierDetection] = None
     tls: Optional[Dict[str, Any]] = None
 
 
 @dataclass
 class TrafficPolicy:
     load_balancer: Optional[LoadBalancerSettings] = None
-    connection_pool: Optional[Dict[str, Any]] = None
-    outlier_detection: Optional[Dict[str, Any]] = None
+    connection_pool: Optional[ConnectionPool] = None
+    outlier_detection: Optional[OutlierDetection] = None
     tls: Optional[Dict[str, Any]] = None
     port_level_settings: List[PortTrafficPolicy] = field(default_factory=list)
     raw: Dict[str, Any] = field(default_factory=dict)
@@ -277,6 +380,9 @@ class IstioConfig:
     destination_rules: List[DestinationRule] = field(default_factory=list)
     virtual_services: List[VirtualService] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
+    # security.istio.io kinds (see .security_config)
+    peer_authentications: List[Any] = field(default_factory=list)
+    authorization_policies: List[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (
@@ -284,6 +390,8 @@ class IstioConfig:
             + len(self.workload_entries)
             + len(self.destination_rules)
             + len(self.virtual_services)
+            + len(self.peer_authentications)
+            + len(self.authorization_policies)
         )
 
 
@@ -620,6 +728,11 @@ def _fault(v: Any, path: str) -> Optional[HTTPFaultInjection]:
     if d.get("abort") is not None:
         ap = f"{path}.abort"
         ad = _obj(d["abort"], ap, ("httpStatus", "grpcStatus", "http2Error", "percentage"))
+        kinds = [k for k in ("httpStatus", "grpcStatus", "http2Error") if ad.get(k) is not None]
+        if len(kinds) > 1:
+            raise Reject(f"{ap}: only one of httpStatus, grpcStatus or http2Error may be set")
+        if ad.get("grpcStatus") is not None and _str(ad["grpcStatus"], f"{ap}.grpcStatus") not in GRPC_STATUS_NAMES:
+            raise Reject(f"{ap}.grpcStatus: {ad['grpcStatus']!r} is not a gRPC status name (e.g. UNAVAILABLE)")
         out.abort = FaultAbort(
             http_status=_int(ad.get("httpStatus"), f"{ap}.httpStatus", 200, 599) if ad.get("httpStatus") is not None else None,
             grpc_status=_str(ad.get("grpcStatus"), f"{ap}.grpcStatus") or None,
@@ -627,6 +740,132 @@ def _fault(v: Any, path: str) -> Optional[HTTPFaultInjection]:
         )
     return out
 
+
+_HEADER_NAME = re.compile(r"^:?[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _header_map(v: Any, path: str) -> Dict[str, str]:
+    out = _str_map(v, path)
+    for k in out:
+        if not _HEADER_NAME.match(k):
+            raise Reject(f"{path}: {k!r} is not a valid header name")
+    return out
+
+
+def _header_operations(v: Any, path: str) -> Optional[HeaderOperations]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("set", "add", "remove"))
+    remove = _str_list(d.get("remove"), f"{path}.remove")
+    for i, k in enumerate(remove):
+        if not _HEADER_NAME.match(k):
+            raise Reject(f"{path}.remove[{i}]: {k!r} is not a valid header name")
+    return HeaderOperations(
+        set=_header_map(d.get("set"), f"{path}.set"), add=_header_map(d.get("add"), f"{path}.add"), remove=remove
+    )
+
+
+def _headers(v: Any, path: str) -> Optional[Headers]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("request", "response"))
+    return Headers(
+        request=_header_operations(d.get("request"), f"{path}.request"),
+        response=_header_operations(d.get("response"), f"{path}.response"),
+    )
+
+
+def _regex(v: Any, path: str) -> str:
+    s = _str(v, path)
+    try:
+        re.compile(s)
+    except re.error as exc:
+        raise Reject(f"{path}: invalid regular expression {s!r}: {exc}") from None
+    return s
+
+
+def _rewrite(v: Any, path: str) -> Optional[HTTPRewrite]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("uri", "authority", "uriRegexRewrite"))
+    out = HTTPRewrite(uri=_str(d.get("uri"), f"{path}.uri"), authority=_str(d.get("authority"), f"{path}.authority"))
+    if d.get("uriRegexRewrite") is not None:
+        rp = f"{path}.uriRegexRewrite"
+        rd = _obj(d["uriRegexRewrite"], rp, ("match", "rewrite"))
+        out.uri_regex = (_regex(rd.get("match"), f"{rp}.match"), _str(rd.get("rewrite"), f"{rp}.rewrite"))
+        if out.uri:
+            raise Reject(f"{path}: only one of uri or uriRegexRewrite may be set")
+    return out
+
+
+_REDIRECT_CODES = (0, 301, 302, 303, 307, 308)
+
+
+def _redirect(v: Any, path: str) -> Optional[HTTPRedirect]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("uri", "authority", "port", "derivePort", "scheme", "redirectCode", "prefixRewrite"))
+    if d.get("port") is not None and d.get("derivePort") is not None:
+        raise Reject(f"{path}: only one of port or derivePort may be set")
+    out = HTTPRedirect(
+        uri=_str(d.get("uri"), f"{path}.uri"),
+        authority=_str(d.get("authority"), f"{path}.authority"),
+        port=_int(d.get("port"), f"{path}.port", 0, 65535) if d.get("port") is not None else None,
+        derive_port=_enum(d.get("derivePort"), f"{path}.derivePort", ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"), "")
+        if d.get("derivePort") is not None else "",
+        scheme=_str(d.get("scheme"), f"{path}.scheme"),
+        redirect_code=_int(d.get("redirectCode"), f"{path}.redirectCode", 0, 599),
+        prefix_rewrite=_str(d.get("prefixRewrite"), f"{path}.prefixRewrite"),
+    )
+    if out.redirect_code not in _REDIRECT_CODES:
+        raise Reject(f"{path}.redirectCode: {out.redirect_code} is not one of 301, 302, 303, 307, 308")
+    if out.uri and out.prefix_rewrite:
+        raise Reject(f"{path}: only one of uri or prefixRewrite may be set")
+    return out
+
+
+def _direct_response(v: Any, path: str) -> Optional[HTTPDirectResponse]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("status", "body"))
+    status = _int(d.get("status"), f"{path}.status", 0, 599)
+    if status < 200:
+        raise Reject(f"{path}.status is required (200-599)")
+    out = HTTPDirectResponse(status=status)
+    if d.get("body") is not None:
+        bd = _obj(d["body"], f"{path}.body", ("string", "bytes"))
+        if bd.get("string") is not None and bd.get("bytes") is not None:
+            raise Reject(f"{path}.body: only one of string or bytes may be set")
+        if bd.get("string") is not None:
+            out.body_string = _str(bd["string"], f"{path}.body.string")
+        elif bd.get("bytes") is not None:
+            import base64
+            import binascii
+
+            try:
+                out.body_bytes = base64.b64decode(_str(bd["bytes"], f"{path}.body.bytes"), validate=True)
+            except (binascii.Error, ValueError):
+                raise Reject(f"{path}.body.bytes: not base64") from None
+    return out
+
+
+def _mirror_policies(v: Any, path: str) -> List[HTTPMirrorPolicy]:
+    out = []
+    for i, m in enumerate(_list(v, path)):
+        mp = f"{path}[{i}]"
+        md = _obj(m, mp, ("destination", "percentage"))
+        if md.get("destination") is None:
+            raise Reject(f"{mp}.destination is required")
+        out.append(HTTPMirrorPolicy(_destination(md["destination"], f"{mp}.destination"),
+                                    _percentage(md.get("percentage"), f"{mp}.percentage")))
+    return out
+
+
+GRPC_STATUS_NAMES = frozenset((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+))
 
 _HTTP_ROUTE_FIELDS = (
     "name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries",
@@ -646,9 +885,10 @@ def _http_route(v: Any, path: str) -> HTTPRoute:
             HTTPRouteDestination(
                 destination=_destination(rd["destination"], f"{rp}.destination"),
                 weight=_int(rd.get("weight"), f"{rp}.weight", 0, 2**31 - 1),
-                headers=_opaque(rd.get("headers"), f"{rp}.headers"),
+                headers=_headers(rd.get("headers"), f"{rp}.headers"),
             )
         )
+    mirror_percent = d.get("mirrorPercent", d.get("mirror_percent"))
     route = HTTPRoute(
         name=_str(d.get("name"), f"{path}.name"),
         match=[_http_match(m, f"{path}.match[{i}]") for i, m in enumerate(_list(d.get("match"), f"{path}.match"))],
@@ -656,18 +896,27 @@ def _http_route(v: Any, path: str) -> HTTPRoute:
         timeout=parse_duration(d.get("timeout"), f"{path}.timeout"),
         retries=_retries(d.get("retries"), f"{path}.retries"),
         fault=_fault(d.get("fault"), f"{path}.fault"),
-        redirect=_opaque(d.get("redirect"), f"{path}.redirect"),
-        direct_response=_opaque(d.get("directResponse"), f"{path}.directResponse"),
+        redirect=_redirect(d.get("redirect"), f"{path}.redirect"),
+        direct_response=_direct_response(d.get("directResponse"), f"{path}.directResponse"),
         delegate=_opaque(d.get("delegate"), f"{path}.delegate"),
-        rewrite=_opaque(d.get("rewrite"), f"{path}.rewrite"),
-        headers=_opaque(d.get("headers"), f"{path}.headers"),
-        mirror=_opaque(d.get("mirror"), f"{path}.mirror"),
-        mirrors=_list(d.get("mirrors"), f"{path}.mirrors") or None,
+        rewrite=_rewrite(d.get("rewrite"), f"{path}.rewrite"),
+        headers=_headers(d.get("headers"), f"{path}.headers"),
+        mirror=_destination(d["mirror"], f"{path}.mirror") if d.get("mirror") is not None else None,
+        mirror_percent=_int(mirror_percent, f"{path}.mirrorPercent", 0, 100) if mirror_percent is not None else None,
+        mirror_percentage=_percentage(d.get("mirrorPercentage"), f"{path}.mirrorPercentage"),
+        mirrors=_mirror_policies(d.get("mirrors"), f"{path}.mirrors"),
         cors_policy=_opaque(d.get("corsPolicy"), f"{path}.corsPolicy"),
         raw=dict(d),
     )
     if not (route.route or route.redirect or route.direct_response or route.delegate):
         raise Reject(f"{path}: one of route, redirect, directResponse or delegate is required")
+    actions = [k for k, x in (("route", route.route), ("redirect", route.redirect), ("directResponse", route.direct_response)) if x]
+    if len(actions) > 1:
+        raise Reject(f"{path}: {' and '.join(actions)} cannot be used together")
+    if route.mirror is not None and route.mirrors:
+        raise Reject(f"{path}: only one of mirror or mirrors may be set")
+    if route.redirect is not None and route.rewrite is not None:
+        raise Reject(f"{path}: rewrite cannot be used with redirect")
     return route
 
 
@@ -693,7 +942,10 @@ _LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN
 def _load_balancer(v: Any, path: str) -> Optional[LoadBalancerSettings]:
     if v is None:
         return None
-    d = _obj(v, path, ("simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"))
+    d = _obj(v, path, ("simple", "consistentHash", "localityLbSetting", "zoneAwareLbSetting", "warmupDurationSecs", "warmup"))
+    if d.get("zoneAwareLbSetting") is not None:
+        _opaque(d["zoneAwareLbSetting"], f"{path}.zoneAwareLbSetting")
+        log.info("meshpatch control plane: %s.zoneAwareLbSetting is not translated", path)
     if d.get("simple") is not None and d.get("consistentHash") is not None:
         raise Reject(f"{path}: only one of simple or consistentHash may be set")
     simple = _enum(d.get("simple"), f"{path}.simple", _LB_SIMPLE, "UNSPECIFIED")
@@ -711,7 +963,13 @@ def _load_balancer(v: Any, path: str) -> Optional[LoadBalancerSettings]:
             cookie = _obj(cd["httpCookie"], f"{cp}.httpCookie", ("name", "path", "ttl", "attributes"))
             if not _str(cookie.get("name"), f"{cp}.httpCookie.name"):
                 raise Reject(f"{cp}.httpCookie.name is required")
+            _str(cookie.get("path"), f"{cp}.httpCookie.path")
             parse_duration(cookie.get("ttl"), f"{cp}.httpCookie.ttl")
+            for i, attr in enumerate(_list(cookie.get("attributes"), f"{cp}.httpCookie.attributes")):
+                ad = _obj(attr, f"{cp}.httpCookie.attributes[{i}]", ("name", "value"))
+                if not _str(ad.get("name"), f"{cp}.httpCookie.attributes[{i}].name"):
+                    raise Reject(f"{cp}.httpCookie.attributes[{i}].name is required")
+                _str(ad.get("value"), f"{cp}.httpCookie.attributes[{i}].value")
         ring = _obj(cd["ringHash"], f"{cp}.ringHash", ("minimumRingSize",)) if cd.get("ringHash") is not None else None
         maglev = _obj(cd["maglev"], f"{cp}.maglev", ("tableSize",)) if cd.get("maglev") is not None else None
         if ring is not None and maglev is not None:
@@ -729,12 +987,95 @@ def _load_balancer(v: Any, path: str) -> Optional[LoadBalancerSettings]:
             _int(ring.get("minimumRingSize"), f"{cp}.ringHash.minimumRingSize", 0, 2**63 - 1)
         if maglev is not None:
             _int(maglev.get("tableSize"), f"{cp}.maglev.tableSize", 0, 2**63 - 1)
+    warmup = None
+    if d.get("warmup") is not None:
+        wp = f"{path}.warmup"
+        wd = _obj(d["warmup"], wp, ("duration", "minimumPercent", "aggression"))
+        duration = parse_duration(wd.get("duration"), f"{wp}.duration")
+        if duration is None:
+            raise Reject(f"{wp}.duration is required")
+        warmup = WarmupConfig(
+            duration=duration,
+            minimum_percent=_number(wd.get("minimumPercent"), f"{wp}.minimumPercent", 0, 100),
+            aggression=_number(wd.get("aggression"), f"{wp}.aggression", 1, float("inf")),
+        )
+    elif d.get("warmupDurationSecs") is not None:
+        duration = parse_duration(d["warmupDurationSecs"], f"{path}.warmupDurationSecs")
+        assert duration is not None
+        warmup = WarmupConfig(duration=duration, legacy=True)
     return LoadBalancerSettings(
         simple=simple,
         consistent_hash=ch,
-        locality_lb_setting=_opaque(d.get("localityLbSetting"), f"{path}.localityLbSetting"),
-        warmup_duration_secs=_str(d.get("warmupDurationSecs"), f"{path}.warmupDurationSecs") or None,
+        locality_lb_setting=_locality_lb_setting(d.get("localityLbSetting"), f"{path}.localityLbSetting"),
+        warmup=warmup,
         raw=dict(d),
+    )
+
+
+def _number(v: Any, path: str, lo: float, hi: float) -> Optional[float]:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise Reject(f"{path}: expected a number in [{lo}, {hi}], got {v!r}")
+    return float(v)
+
+
+def _locality_lb_setting(v: Any, path: str) -> Optional[LocalityLbSetting]:
+    if v is None:
+        return None
+    d = _obj(v, path, ("distribute", "failover", "failoverPriority", "enabled"))
+    out = LocalityLbSetting(
+        failover_priority=_str_list(d.get("failoverPriority"), f"{path}.failoverPriority"),
+        enabled=_opt_bool(d.get("enabled"), f"{path}.enabled"),
+    )
+    for i, x in enumerate(_list(d.get("distribute"), f"{path}.distribute")):
+        xp = f"{path}.distribute[{i}]"
+        xd = _obj(x, xp, ("from", "to"))
+        to_raw = _obj(xd.get("to"), f"{xp}.to", [k for k in (xd.get("to") or {})])
+        to = {str(k): _int(w, f"{xp}.to.{k}", 0, 2**32 - 1) for k, w in to_raw.items()}
+        if sum(to.values()) != 100:
+            raise Reject(f"{xp}.to: weights must sum to 100 (got {sum(to.values())})")
+        out.distribute.append(LocalityDistribute(from_=_str(xd.get("from"), f"{xp}.from"), to=to))
+    for i, x in enumerate(_list(d.get("failover"), f"{path}.failover")):
+        xp = f"{path}.failover[{i}]"
+        xd = _obj(x, xp, ("from", "to"))
+        frm, to_region = _str(xd.get("from"), f"{xp}.from"), _str(xd.get("to"), f"{xp}.to")
+        if frm == to_region:
+            raise Reject(f"{xp}: from and to must differ ({frm!r})")
+        out.failover.append((frm, to_region))
+    if out.distribute and out.failover:
+        raise Reject(f"{path}: only one of distribute or failover may be set")
+    return out
+
+
+def _outlier_detection(v: Any, path: str) -> Optional[OutlierDetection]:
+    if v is None:
+        return None
+    d = _obj(
+        v, path,
+        ("consecutiveErrors", "splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures", "consecutiveGatewayErrors",
+         "consecutive5xxErrors", "interval", "baseEjectionTime", "maxEjectionPercent", "minHealthPercent",
+         "outlierDetectionHttpErrorCodes"),
+    )
+
+    def opt_u32(key: str) -> Optional[int]:
+        return _int(d[key], f"{path}.{key}") if d.get(key) is not None else None
+
+    if d.get("consecutiveErrors") is not None:
+        _int(d["consecutiveErrors"], f"{path}.consecutiveErrors", -(2**31), 2**31 - 1)
+        log.info("meshpatch control plane: %s.consecutiveErrors is deprecated and ignored (as istiod does); "
+                 "use consecutive5xxErrors", path)
+    return OutlierDetection(
+        consecutive_5xx_errors=opt_u32("consecutive5xxErrors"),
+        consecutive_gateway_errors=opt_u32("consecutiveGatewayErrors"),
+        consecutive_local_origin_failures=opt_u32("consecutiveLocalOriginFailures"),
+        split_external_local_origin_errors=_bool(d.get("splitExternalLocalOriginErrors"), f"{path}.splitExternalLocalOriginErrors"),
+        interval=parse_duration(d.get("interval"), f"{path}.interval"),
+        base_ejection_time=parse_duration(d.get("baseEjectionTime"), f"{path}.baseEjectionTime"),
+        max_ejection_percent=_int(d.get("maxEjectionPercent"), f"{path}.maxEjectionPercent", 0, 100),
+        min_health_percent=_int(d.get("minHealthPercent"), f"{path}.minHealthPercent", 0, 100),
+        http_error_codes=[_int(c, f"{path}.outlierDetectionHttpErrorCodes[{i}]", 100, 599)
+                          for i, c in enumerate(_list(d.get("outlierDetectionHttpErrorCodes"), f"{path}.outlierDetectionHttpErrorCodes"))],
     )
 
 
@@ -758,29 +1099,52 @@ def _traffic_policy(v: Any, path: str, allow_port_level: bool = True) -> Optiona
                 port=number,
                 load_balancer=_load_balancer(pd.get("loadBalancer"), f"{pp}.loadBalancer"),
                 connection_pool=_connection_pool(pd.get("connectionPool"), f"{pp}.connectionPool"),
-                outlier_detection=_opaque(pd.get("outlierDetection"), f"{pp}.outlierDetection"),
+                outlier_detection=_outlier_detection(pd.get("outlierDetection"), f"{pp}.outlierDetection"),
                 tls=_opaque(pd.get("tls"), f"{pp}.tls"),
             )
         )
     return TrafficPolicy(
         load_balancer=_load_balancer(d.get("loadBalancer"), f"{path}.loadBalancer"),
         connection_pool=_connection_pool(d.get("connectionPool"), f"{path}.connectionPool"),
-        outlier_detection=_opaque(d.get("outlierDetection"), f"{path}.outlierDetection"),
+        outlier_detection=_outlier_detection(d.get("outlierDetection"), f"{path}.outlierDetection"),
         tls=_opaque(d.get("tls"), f"{path}.tls"),
         port_level_settings=pls,
         raw=dict(d),
     )
 
 
-def _connection_pool(v: Any, path: str) -> Optional[Dict[str, Any]]:
-    d = _opaque(v, path)
-    if d is None:
+_TCP_FIELDS = ("maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration", "idleTimeout")
+_HTTP_POOL_FIELDS = (
+    "http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection", "maxRetries", "idleTimeout",
+    "h2UpgradePolicy", "useClientProtocol", "maxConcurrentStreams", "http2KeepAlive",
+)
+
+
+def _connection_pool(v: Any, path: str) -> Optional[ConnectionPool]:
+    if v is None:
         return None
-    _obj(d, path, ("tcp", "http"))
-    http = _opaque(d.get("http"), f"{path}.http")
-    if http is not None and http.get("http2MaxRequests") is not None:
-        _int(http.get("http2MaxRequests"), f"{path}.http.http2MaxRequests", 0, 2**31 - 1)
-    return d
+    d = _obj(v, path, ("tcp", "http"))
+    tcp = _obj(d.get("tcp"), f"{path}.tcp", _TCP_FIELDS)
+    http = _obj(d.get("http"), f"{path}.http", _HTTP_POOL_FIELDS)
+    i32 = 2**31 - 1
+
+    def num(section: Dict[str, Any], key: str, sp: str) -> int:
+        return _int(section.get(key), f"{sp}.{key}", -(2**31), i32)
+
+    tp, hp = f"{path}.tcp", f"{path}.http"
+    if http.get("h2UpgradePolicy") is not None:
+        _enum(http["h2UpgradePolicy"], f"{hp}.h2UpgradePolicy", ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"), "DEFAULT")
+    return ConnectionPool(
+        max_connections=num(tcp, "maxConnections", tp),
+        connect_timeout=parse_duration(tcp.get("connectTimeout"), f"{tp}.connectTimeout"),
+        http1_max_pending_requests=num(http, "http1MaxPendingRequests", hp),
+        http2_max_requests=num(http, "http2MaxRequests", hp),
+        max_requests_per_connection=num(http, "maxRequestsPerConnection", hp),
+        max_retries=num(http, "maxRetries", hp),
+        idle_timeout=parse_duration(http.get("idleTimeout"), f"{hp}.idleTimeout")
+        or parse_duration(tcp.get("idleTimeout"), f"{tp}.idleTimeout"),
+        raw=dict(d),
+    )
 
 
 def parse_destination_rule(meta: ObjectMeta, spec: Dict[str, Any]) -> DestinationRule:
@@ -851,20 +1215,24 @@ def _add(config: IstioConfig, doc: Any, source: str) -> None:
                 _add(config, item, source)
             return
         kind = doc.get("kind")
-        if kind not in _PARSERS:
-            raise Reject(f"unsupported kind {kind!r} (supported: {', '.join(_PARSERS)})")
+        from .security_config import PARSERS as SECURITY_PARSERS, SECURITY_GROUP, SECURITY_VERSIONS
+
+        parsers = {**_PARSERS, **SECURITY_PARSERS}
+        if kind not in parsers:
+            raise Reject(f"unsupported kind {kind!r} (supported: {', '.join(parsers)})")
         api_version = doc.get("apiVersion")
         group, _, version = str(api_version).partition("/")
-        if group != API_GROUP or version not in API_VERSIONS:
+        expected, versions = (SECURITY_GROUP, SECURITY_VERSIONS) if kind in SECURITY_PARSERS else (API_GROUP, API_VERSIONS)
+        if group != expected or version not in versions:
             raise Reject(
-                f"apiVersion {api_version!r} is not {API_GROUP}/" + "|".join(API_VERSIONS)
+                f"apiVersion {api_version!r} is not {expected}/" + "|".join(versions)
             )
         _obj(doc, "", _TOP_FIELDS)
         meta = _meta(doc)
         spec = doc.get("spec")
         if spec is None:
             raise Reject("spec is required")
-        obj = _PARSERS[kind](meta, spec)
+        obj = parsers[kind](meta, spec)
     except Reject as exc:
         msg = f"skipped {what} in {source}: {str(exc).replace('unknown field .', 'unknown field ')}"
         config.skipped.append(msg)
@@ -877,6 +1245,10 @@ def _add(config: IstioConfig, doc: Any, source: str) -> None:
         config.workload_entries.append(obj)
     elif isinstance(obj, DestinationRule):
         config.destination_rules.append(obj)
+    elif kind == "PeerAuthentication":
+        config.peer_authentications.append(obj)
+    elif kind == "AuthorizationPolicy":
+        config.authorization_policies.append(obj)
     else:
         config.virtual_services.append(obj)
 

@@ -27,7 +27,7 @@ from . import config_source
 from .config_source import ConfigPathError
 from .istio_config import ConfigLoadError, IstioConfig, parse_yaml_text
 from .snapshot import Snapshot
-from .stream import ConfigState, SotwStream, StreamEvents
+from .stream import ConfigState, ResourceHook, SotwStream, StreamEvents
 
 log = logging.getLogger("meshpatch.controlplane")
 
@@ -128,7 +128,8 @@ class ControlPlaneServer:
     ``config_path`` is a YAML file or a directory of them (polled every
     ``poll_interval`` seconds); ``None`` starts empty, then use
     :meth:`set_yaml` / :meth:`set_config`.  ``listen`` is ``host:port``
-    (port 0 = pick a free one) or ``unix:///path``.
+    (port 0 = pick a free one) or ``unix:///path``.  ``resource_hook`` may
+    amend each generated resource before it is sent (see :data:`ResourceHook`).
     """
 
     def __init__(
@@ -137,8 +138,10 @@ class ControlPlaneServer:
         listen: str = "127.0.0.1:0",
         poll_interval: float = 0.2,
         max_workers: int = 64,
+        resource_hook: Optional[ResourceHook] = None,
     ) -> None:
         self.config_path = os.fspath(config_path) if config_path is not None else None
+        self.resource_hook = resource_hook
         self.listen = listen
         self.poll_interval = poll_interval
         self.max_workers = max_workers
@@ -306,7 +309,7 @@ class ControlPlaneServer:
     def _open_stream(self, q: "queue.Queue[object]", peer: str) -> SotwStream:
         with self._cond:
             self._next_stream_id += 1
-            stream = SotwStream(self._next_stream_id, self.state, self._events, peer)
+            stream = SotwStream(self._next_stream_id, self.state, self._events, peer, self.resource_hook)
             stream.pushed_generation = self._state.generation
             self._streams[stream.id] = (stream, q)
             self.streams_opened += 1

@@ -131,13 +131,16 @@ class ProxyNode:
     labels: Tuple[Tuple[str, str], ...] = ()
     generator: str = ""
     ip: str = ""
+    # node.locality (region, zone, sub_zone): EDS priorities and weights are relative to it.
+    locality: Tuple[str, str, str] = ("", "", "")
 
     @property
     def label_map(self) -> Dict[str, str]:
         return dict(self.labels)
 
     @classmethod
-    def from_fields(cls, node_id: str, metadata: Dict[str, object]) -> "ProxyNode":
+    def from_fields(cls, node_id: str, metadata: Dict[str, object],
+                    locality: Tuple[str, str, str] = ("", "", "")) -> "ProxyNode":
         parts = node_id.split("~")
         ns = str(metadata.get("NAMESPACE") or "")
         if not ns and len(parts) >= 3 and "." in parts[2]:
@@ -155,6 +158,7 @@ class ProxyNode:
             labels=labels,
             generator=str(metadata.get("GENERATOR") or ""),
             ip=parts[1] if len(parts) >= 2 else "",
+            locality=locality,
         )
 
 

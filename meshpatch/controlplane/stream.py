@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import Message
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -78,12 +79,20 @@ def _node_metadata(node) -> Dict[str, object]:
     return json_format.MessageToDict(node.metadata)
 
 
+#: Called with (type_url, resource) for every generated resource before it is
+#: sent; may change it in place.  For tests, and for Envoy fields that Istio's
+#: API cannot express (e.g. success-rate outlier detection).
+ResourceHook = Callable[[str, Message], None]
+
+
 class SotwStream:
-    def __init__(self, stream_id: int, state: Callable[[], ConfigState], events: StreamEvents, peer: str = "") -> None:
+    def __init__(self, stream_id: int, state: Callable[[], ConfigState], events: StreamEvents, peer: str = "",
+                 resource_hook: Optional[ResourceHook] = None) -> None:
         self.id = stream_id
         self.peer = peer
         self._state = state
         self._events = events
+        self._resource_hook = resource_hook
         self.node: Optional[ProxyNode] = None
         self.watches: Dict[str, Watch] = {}
         # Written by the server once a push's responses were handed to gRPC.
@@ -98,7 +107,8 @@ class SotwStream:
     def handle_request(self, req: discovery_pb2.DiscoveryRequest) -> List[discovery_pb2.DiscoveryResponse]:
         if self.node is None:
             if req.HasField("node"):
-                self.node = ProxyNode.from_fields(req.node.id, _node_metadata(req.node))
+                loc = req.node.locality
+                self.node = ProxyNode.from_fields(req.node.id, _node_metadata(req.node), (loc.region, loc.zone, loc.sub_zone))
                 log.info("meshpatch control plane: stream %d from %s is node %s (namespace %s)",
                          self.id, self.peer or "?", self.node.id, self.node.namespace)
             else:
@@ -159,6 +169,9 @@ class SotwStream:
         watch = self.watches[type_url]
         assert self.node is not None
         resources = generate(state.snapshot, self.node, type_url, watch.names, watch.wildcard(type_url))
+        if self._resource_hook is not None:
+            for _, msg in resources:
+                self._resource_hook(type_url, msg)
         nonce = state.version + str(uuid.uuid4())
         resp = discovery_pb2.DiscoveryResponse(version_info=state.version, type_url=type_url, nonce=nonce)
         for _, msg in resources:

@@ -206,10 +206,21 @@ class Call:
             status = outcome.http_status
             if (status is not None and status < 409) or outcome.grpc_status == "OK":
                 return None
+        if self.is_grpc:
+            # gRPC's own retry semantics (A44), so a gRPC call behaves as grpcio's
+            # native xDS client would: at most 5 attempts, exponential backoff with
+            # +/-20 % jitter (C-core's BackOff), no concurrent-retry budget.
+            if self.retries >= min(retry.num_retries, 4) or not self.retriable(outcome):
+                return None
+            delay = min(retry.base_interval * (2 ** self.retries), retry.max_interval) * random.uniform(0.8, 1.2)
+            if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+                return None
+            self.retries += 1
+            return delay
         if self.retries >= retry.num_retries or not self.retriable(outcome):
             return None
         bound = min(retry.base_interval * (2 ** self.retries), retry.max_interval)
-        delay = random.uniform(0, bound)
+        delay = random.uniform(0, bound)  # Envoy: fully jittered exponential backoff
         if self.deadline is not None and time.monotonic() + delay >= self.deadline:
             return None
         if self.handle.admit_retry() is not None:

@@ -116,6 +116,13 @@ class HeaderMatcher:
         self.invert = invert
         self.treat_missing_as_empty = treat_missing_as_empty
 
+    def matches_grpc(self, value: Any) -> bool:
+        """gRPC's evaluation (A28/A63): a missing header fails every matcher but
+        ``present``, even inverted; treat_missing_header_as_empty is not honoured."""
+        if value is None and self.kind != "present":
+            return False
+        return self.matches(value)
+
     def matches(self, value: Any) -> bool:
         """``value`` is the header's value (str) or None when absent."""
         if self.kind == "present":

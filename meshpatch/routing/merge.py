@@ -78,6 +78,21 @@ def _enrich(ep: Endpoint, inst: Any) -> Endpoint:
     return Endpoint(ep.address, ep.port, health, ep.weight, metadata, ep.locality)
 
 
+def _rescaled(extra: Tuple[Endpoint, ...], peers: Sequence[Endpoint]) -> Tuple[Endpoint, ...]:
+    """Registry weights are on the registry's scale (Dubbo: 100 by default), EDS
+    weights on istiod's (1); round robin honours endpoint weights (Envoy), so
+    instances sharing a locality with EDS endpoints are rescaled to weigh, on
+    average, like an average EDS endpoint there, keeping their ratios."""
+    if not peers or not extra:
+        return extra
+    mean_eds = sum(ep.weight for ep in peers) / len(peers)
+    mean_reg = sum(ep.weight for ep in extra) / len(extra)
+    if mean_reg == mean_eds:
+        return extra
+    return tuple(Endpoint(ep.address, ep.port, ep.health, max(1, round(ep.weight * mean_eds / mean_reg)), ep.metadata,
+                          ep.locality) for ep in extra)
+
+
 def merge_endpoints(
     cluster_name: str,
     eds: Optional[EndpointsConfig],
@@ -110,6 +125,7 @@ def merge_endpoints(
     if len(same) == 1:
         loc = localities[same[0]]
         weight = loc.weight + len(extra) if loc.weight else 0
+        extra = _rescaled(extra, loc.endpoints)
         localities[same[0]] = LocalityEndpoints(loc.locality, weight, loc.priority, loc.endpoints + extra)
     else:
         total_weight = sum(localities[i].weight for i in same)

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
+from meshpatch.routing.cluster_policy import DEFAULT_CIRCUIT_BREAKERS, DEFAULT_LB, CircuitBreakers, LbConfig, OutlierConfig
 from meshpatch.routing.matchers import HeaderMatcher, PathMatcher
 from meshpatch.routing.route_policy import NO_POLICY, RoutePolicy
+from meshpatch.security.model import UpstreamTls
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +79,21 @@ class ListenerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
+    """``lb_policy`` names the policy (``lb.policy``); ``outlier`` is None when the
+    cluster carries no outlier_detection (meshpatch's default then applies)."""
+
     name: str
     eds_service_name: str
     lb_policy: str = "ROUND_ROBIN"
+    lb: LbConfig = DEFAULT_LB
+    circuit_breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS
+    outlier: Optional[OutlierConfig] = None
     # The DestinationRule subset's labels when the control plane sends them
     # (filter_metadata "meshpatch".subset_labels; istiod does not): which
     # registry instances join this cluster.  None = not sent.
     subset_labels: Optional[Tuple[Tuple[str, str], ...]] = None
+    # mTLS origination from the cluster's transport_socket; None = plaintext.
+    tls: Optional[UpstreamTls] = None
 
 
 HEALTHY_STATES = frozenset({0, 1})  # UNKNOWN, HEALTHY: the only ones gRPC sends to

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+
+import xxhash
 import random
 import threading
 import time
@@ -77,9 +79,13 @@ class _RequestHeaders:
 
     def get(self, name: str) -> Optional[str]:
         if self._grpc:
-            # gRPC (A28): pseudo-headers are not visible and binary headers never match.
+            # gRPC (A28): pseudo-headers are not visible and binary headers never match;
+            # content-type is, and it is application/grpc unless the app set its own.
             if name.startswith(":") or name.endswith("-bin"):
                 return None
+            if name == "content-type":
+                value = self._headers.get(name) if self._headers is not None else None
+                return value or "application/grpc"
         elif name.startswith(":"):
             return self._pseudo.get(name)
         headers = self._headers
@@ -135,8 +141,6 @@ def _request_hash(policies: Any, headers: Any, scheme: str, method: str, path: s
     """Envoy's hash-policy evaluation: XXH64 of each value, combined by
     rotate-left-1 then XOR, stopping after a terminal policy that produced a hash.
     None (no policy matched) means "random" to the hashing load balancers."""
-    import xxhash
-
     result: Optional[int] = None
     for policy in policies:
         value = _hash_value(policy, headers, scheme, method, path, authority, source_ip)
@@ -229,7 +233,10 @@ class Router:
             if route.headers:
                 if lookup is None:
                     lookup = _RequestHeaders(headers, scheme, method, match_path, target.authority)
-                if not all(m.matches(lookup.get(m.name)) for m in route.headers):
+                if scheme == "grpc":
+                    if not all(m.matches_grpc(lookup.get(m.name)) for m in route.headers):
+                        continue
+                elif not all(m.matches(lookup.get(m.name)) for m in route.headers):
                     continue
             if route.query:
                 if scheme == "grpc":
@@ -246,7 +253,7 @@ class Router:
                     return Call(scheme, host, port, method, path, headers, target.authority, route.route, None, None)
                 raise NoRouteMatched(host, port, path)  # non-forwarding (server) route, or redirect for gRPC
             handle = chooser.choose()
-            refused = handle.admit_request()
+            refused = handle.admit_request(multiplexed=scheme == "grpc")
             if refused is not None:
                 raise CircuitBreakerOpen(handle.name, refused)
             request_hash = None

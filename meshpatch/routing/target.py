@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
+import os
 import random
 import threading
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from meshpatch import lanes
+from meshpatch.routing.cluster_policy import DEFAULT_CIRCUIT_BREAKERS, DEFAULT_LB, CircuitBreakers, default_outlier
 from meshpatch.routing.domains import select_virtual_host
-from meshpatch.routing.lb import EmptyPicker, Picker, build_picker
+from meshpatch.routing.outcome import CONNECT_FAILURE, OK
+from meshpatch.routing.lb import ClusterView, EmptyPicker, Picker, Timed, build_picker
 from meshpatch.routing.merge import for_port, matching, merge_endpoints, parse_cluster_name, subset_selector
 from meshpatch.routing.model import ClusterConfig, EndpointsConfig, ListenerConfig, Route, RouteConfig
+from meshpatch.routing.outlier import EndpointState, OutlierTracker
 from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS
 
 log = logging.getLogger("meshpatch.routing")
@@ -40,10 +46,19 @@ class ClusterHandle:
     cluster can keep per-endpoint state — in-flight requests for least-request and
     circuit breaking, results for outlier detection — keyed by ``(address, port)``
     so it survives EDS updates that rebuild the endpoint objects.
+
+    The request path only reads ``picker`` (an immutable object swapped by
+    assignment) and ``in_flight``; every state change happens under ``_lock``
+    (bookkeeping, never taken by a pick) and ends with a new picker when the
+    usable endpoint set or their weights changed.
     """
 
     __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight", "_eds", "_registry",
-                 "_registry_key", "_registry_seen", "__weakref__")
+                 "_registry_key", "_registry_seen", "retries_active", "endpoints", "states", "tracker", "_lock",
+                 "_cache", "_breakers", "_seed", "_outlier_source", "_inner", "_slow_due", "_down_due", "__weakref__")
+
+    # Slow-start ramps are stepped this often (a fraction of the window, at most 1 s apart).
+    SLOW_START_STEPS = 50
 
     def __init__(self, name: str, client: Any, registry: Any = None) -> None:
         self.name = name
@@ -60,36 +75,102 @@ class ClusterHandle:
         self._registry = registry
         self._registry_key = parse_cluster_name(name) if registry is not None else None
         self._registry_seen: Any = None
+        self.retries_active = 0
+        self.endpoints: Optional[EndpointsConfig] = None  # what the picker is built from (EDS ∪ registries)
+        self.states: Dict[Tuple[str, int], EndpointState] = {}
+        self.tracker: Optional[OutlierTracker] = None
+        self._lock = threading.Lock()
+        self._cache: Dict[Any, Any] = {}
+        self._breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS
+        self._seed = random.getrandbits(32)
+        self._outlier_source: Any = None
+        self._inner: Picker = self.picker
+        self._slow_due = math.inf
+        self._down_due = math.inf
+        _HANDLES.add(self)
         if self._registry_key is not None:
             registry.watch_host(self._registry_key[1])
 
-    # per-attempt reporting (called by hooks, from any thread; no lock: int
-    # updates of one attribute are atomic enough for accounting under the GIL)
+    # per-attempt reporting (called by hooks, from any thread)
     def on_attempt_start(self, endpoint: Any) -> None:
-        self.in_flight += 1
+        with self._lock:
+            self.in_flight += 1
+            if endpoint is not None:
+                state = self.states.get((endpoint.address, endpoint.port))
+                if state is not None:
+                    state.active += 1
 
     def on_attempt_end(self, endpoint: Any, outcome: Any) -> None:
-        self.in_flight -= 1
+        now = time.monotonic()
+        with self._lock:
+            if self.in_flight > 0:
+                self.in_flight -= 1
+            tracker = self.tracker
+            changed = False
+            if endpoint is not None:
+                state = self.states.get((endpoint.address, endpoint.port))
+                if state is not None:
+                    if state.active > 0:
+                        state.active -= 1
+                    if tracker is not None and outcome is not None:
+                        changed = tracker.on_result(state, outcome, self.states, now)
+                    if outcome is not None and _connectivity(state, outcome, now):
+                        changed = True
+            if tracker is not None and now >= tracker.next_tick:
+                if tracker.tick(self.states, now) or changed:
+                    self._rebuild_locked(now)
+                elif tracker.ejected:
+                    self._publish_locked()  # same picker, next interval's deadline
+            elif changed:
+                self._rebuild_locked(now)
 
     # circuit breaking (thresholds from CDS circuit_breakers); the router calls
     # admit_request before picking, the retry logic admit_retry before a retry
     # and retry_finished when that retry's attempt ended.
-    def admit_request(self) -> Optional[str]:
-        """None to admit, else the name of the limit that refuses the call."""
+    def admit_request(self, multiplexed: bool = False) -> Optional[str]:
+        """None to admit, else the name of the limit that refuses the call.
+
+        ``multiplexed`` is True for gRPC (HTTP/2): calls share connections, so
+        only ``max_requests`` applies; HTTP/1.1 calls beyond ``max_connections``
+        count as pending (see :class:`CircuitBreakers`).  Read without a lock: a
+        burst of concurrent admissions may overshoot by the number of threads,
+        as Envoy's per-worker checks may.
+        """
+        breakers = self._breakers
+        active = self.in_flight
+        if active >= breakers.max_requests:
+            return "max_requests"
+        if not multiplexed and active >= breakers.max_connections + breakers.max_pending_requests:
+            return "max_pending_requests"
         return None
 
     def admit_retry(self) -> Optional[str]:
-        return None
+        breakers = self._breakers
+        with self._lock:
+            if breakers.budget_percent is not None:
+                limit = max(breakers.min_retry_concurrency, int(breakers.budget_percent * self.in_flight / 100.0))
+            else:
+                limit = breakers.max_retries
+            if self.retries_active >= limit:
+                return "max_retries"
+            self.retries_active += 1
+            return None
 
     def retry_finished(self) -> None:
-        pass
+        with self._lock:
+            if self.retries_active > 0:
+                self.retries_active -= 1
 
     # xDS watcher protocol
     def on_resource(self, type_url: str, name: str, value: Any) -> None:
         if type_url == CDS:
-            self.config = value
-            if self.state == RESOLVED and self._registry_seen:
-                self._rebuild()  # the subset's labels may have changed
+            with self._lock:
+                self.config = value
+                self._breakers = value.circuit_breakers
+                now = time.monotonic()
+                self._configure_outlier_locked(now)
+                if self._eds is not None:
+                    self._rebuild_locked(now)  # LB policy, slow start or the subset's labels may have changed
             if value.eds_service_name != self.eds_name:
                 if self.eds_name is not None:
                     self._client.cancel_watch(EDS, self.eds_name, self)
@@ -104,7 +185,9 @@ class ClusterHandle:
             if self.eds_name is not None:
                 self._client.cancel_watch(EDS, self.eds_name, self)
                 self.eds_name = None
-            self.picker = EmptyPicker("cluster does not exist")
+            with self._lock:
+                self._eds = self.endpoints = None  # a re-added cluster waits for fresh EDS
+                self._inner = self.picker = EmptyPicker("cluster does not exist")
             self.state = MISSING
             self._changed()
 
@@ -117,26 +200,131 @@ class ClusterHandle:
             self._changed()
 
     def _set_endpoints(self, endpoints: EndpointsConfig) -> None:
-        self._eds = endpoints
-        self._rebuild()
+        with self._lock:
+            self._eds = endpoints
+            self._rebuild_locked(time.monotonic())
         key = self._registry_key
         if self.state == PENDING and key is not None and not self._registry.settled(key[1]):
             return  # resolved once the registries have answered for the host too (registry_changed)
         self.state = RESOLVED
         self._changed()
 
-    def _rebuild(self) -> None:
+    def _merged_endpoints(self) -> Optional[EndpointsConfig]:
+        """EDS, or EDS ∪ the registry instances of this cluster's host and subset."""
         key = self._registry_key
         instances = (self._registry.instances(key[1]) or ()) if key is not None else ()
         self._registry_seen = instances
         if not instances:
-            self.picker = lanes.build(self._eds, build_picker)  # per-lane pickers when endpoints carry lane labels
-            return
+            return self._eds
         subset, _, port = key  # type: ignore[misc]
         labels = self.config.subset_labels if self.config is not None else None
         selector = subset_selector(subset, dict(labels) if labels is not None else None)
         joining = matching(for_port(instances, port), selector)
-        self.picker = lanes.build(merge_endpoints(self.name, self._eds, joining, instances), build_picker)
+        return merge_endpoints(self.name, self._eds, joining, instances)
+
+    def _track_locked(self, endpoints: Optional[EndpointsConfig], now: float) -> None:
+        """Per-endpoint state for exactly the endpoints the picker may choose: kept for
+        those that stay, created for newcomers (slow start counts from now), dropped
+        with their ejection for those that left (Envoy drops their monitors)."""
+        old = self.states
+        states: Dict[Tuple[str, int], EndpointState] = {}
+        if endpoints is not None:
+            for locality in endpoints.localities:
+                for endpoint in locality.endpoints:
+                    key = (endpoint.address, endpoint.port)
+                    states[key] = old.get(key) or EndpointState(key, now)
+        if self.tracker is not None:
+            self.tracker.forget([key for key in old if key not in states])
+        self.states = states
+        if self.tracker is None and self._outlier_source is None:
+            self._configure_outlier_locked(now)
+
+    def _configure_outlier_locked(self, now: float) -> None:
+        """The cluster's outlier_detection, else meshpatch's default (env / built-in);
+        a changed config starts a fresh detector, as Envoy rebuilds a changed cluster."""
+        config = self.config.outlier if self.config is not None else None
+        if config is None:
+            config = default_outlier()
+        if config == self._outlier_source and (config is None or self.tracker is not None):
+            return
+        self._outlier_source = config
+        if self.tracker is not None:
+            for key in self.tracker.ejected:
+                state = self.states.get(key)
+                if state is not None:
+                    state.ejected_at = None
+        self.tracker = OutlierTracker(config, now) if config is not None else None
+
+    def _rebuild_locked(self, now: float, merge: bool = True) -> None:
+        """A new immutable picker from endpoints + state (ejections, slow-start weights);
+        per-lane pickers when endpoints carry lane labels.  ``merge`` recomputes
+        the endpoint set (EDS / registry change); ejections and ramps reuse it."""
+        if merge:
+            self.endpoints = self._merged_endpoints()
+            self._track_locked(self.endpoints, now)
+        lb = self.config.lb if self.config is not None else DEFAULT_LB
+        tracker = self.tracker
+        ejected = frozenset(tracker.ejected) if tracker is not None else frozenset()
+        down = [(state.down_until, key) for key, state in self.states.items() if state.down_until > now]
+        self._down_due = min(down)[0] if down else math.inf
+        if down:  # endpoints in connect backoff leave the picker like ejected ones (priority failover included)
+            ejected = ejected | frozenset(key for _, key in down)
+        view = ClusterView(self.states, ejected, now, self._cache, self._seed)
+        self._inner = lanes.build(self.endpoints, lambda config: build_picker(config, lb, view))
+        self._cache = view.used
+        self._slow_due = math.inf
+        if view.slow_start_active and lb.slow_start is not None:
+            self._slow_due = now + min(1.0, lb.slow_start.window / self.SLOW_START_STEPS)
+        self._publish_locked()
+
+    def _publish_locked(self) -> None:
+        """Swap in the picker, with a deadline when an outlier interval (with endpoints
+        ejected) or a slow-start step will change it later.  A lane picker keeps
+        its class (the call path recognises it) and gets timed lanes instead."""
+        deadline = min(self._slow_due, self._down_due)
+        tracker = self.tracker
+        if tracker is not None and tracker.ejected:
+            deadline = min(deadline, tracker.next_tick)
+        inner = self._inner
+        if deadline == math.inf:
+            self.picker = inner
+        elif isinstance(inner, lanes.LanePicker):
+            refresh = self._refresh
+            self.picker = lanes.LanePicker(
+                {lane: Timed(p, deadline, refresh) for lane, p in inner.by_lane.items()},
+                Timed(inner.baseline, deadline, refresh) if inner.baseline is not None else None,
+                Timed(inner.everything, deadline, refresh))
+        else:
+            self.picker = Timed(inner, deadline, self._refresh)
+
+    def _refresh(self) -> None:
+        """Called by a :class:`Timed` picker past its deadline, from a pick: run the
+        outlier interval if due, then rebuild only if something changed.  Never
+        waits for the lock (another thread is already refreshing)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                now = time.monotonic()
+                tracker = self.tracker
+                changed = tracker is not None and now >= tracker.next_tick and tracker.tick(self.states, now)
+                if changed or now >= self._slow_due or now >= self._down_due:
+                    self._rebuild_locked(now, merge=False)
+                else:
+                    self._publish_locked()
+            finally:
+                self._lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's attempts do not exist in a forked child, and its lock may have
+        been held by a thread that does not either."""
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.retries_active = 0
+        for state in self.states.values():
+            state.active = 0
+
+    def endpoint_state(self, address: str, port: int) -> Optional[EndpointState]:
+        """Diagnostics/tests: the tracked state of one endpoint."""
+        return self.states.get((address, port))
 
     def registry_changed(self) -> None:
         """A registry changed (under the xDS lock): rebuild the picker if this
@@ -146,12 +334,14 @@ class ClusterHandle:
             return
         if self.state == PENDING:
             if self._registry.settled(key[1]):
-                self._rebuild()
+                with self._lock:
+                    self._rebuild_locked(time.monotonic())
                 self.state = RESOLVED
                 self._changed()
             return
         if self.state == RESOLVED and (self._registry.instances(key[1]) or ()) != self._registry_seen:
-            self._rebuild()
+            with self._lock:
+                self._rebuild_locked(time.monotonic())
 
     def _changed(self) -> None:
         for target in list(self.users):
@@ -162,6 +352,35 @@ class ClusterHandle:
             self._client.cancel_watch(EDS, self.eds_name, self)
             self.eds_name = None
         self._client.cancel_watch(CDS, self.name, self)
+
+
+_HANDLES: "weakref.WeakSet[ClusterHandle]" = weakref.WeakSet()
+
+
+def _reset_handles_after_fork() -> None:
+    for handle in list(_HANDLES):
+        handle._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_handles_after_fork)
+
+
+def _connectivity(state: EndpointState, outcome: Any, now: float) -> bool:
+    """gRPC-style connectivity: a failed connect puts the endpoint in reconnect
+    backoff (1 s, x1.6, jitter 0.2, cap 120 s, gRPC's connection backoff), out of
+    the picker meanwhile; any answer from it brings it back.  True when the
+    endpoint went down or came back (the picker must be rebuilt)."""
+    if outcome.kind == CONNECT_FAILURE:
+        was_up = state.down_until <= now
+        state.down_backoff = min(max(state.down_backoff * 1.6, 1.0), 120.0)
+        state.down_until = now + state.down_backoff * random.uniform(0.8, 1.2)
+        return was_up
+    if state.down_until and outcome.kind == OK:
+        state.down_until = 0.0
+        state.down_backoff = 0.0
+        return True
+    return False
 
 
 class ClusterManager:

@@ -30,6 +30,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 import meshpatch
 from meshpatch.bootstrap import Bootstrap
+from meshpatch.security import providers
 from meshpatch.xds.decode import decode_response
 from meshpatch.xds.transport import BACKOFF, READY, GrpcAdsTransport
 from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS, SHORT_NAMES, STATE_OF_THE_WORLD_FULL
@@ -109,6 +110,9 @@ def build_node(node: Dict[str, Any]) -> base_pb2.Node:
 class XdsClient:
     def __init__(self, bootstrap: Bootstrap, transport_factory: Callable[..., Any] = GrpcAdsTransport) -> None:
         self.bootstrap = bootstrap
+        # Certificate providers are process-wide like the bootstrap; CDS/LDS
+        # decoding checks instance names against them (unknown → NACK).
+        providers.configure(bootstrap.certificate_providers)
         self.lock = threading.RLock()
         self._types: Dict[str, _TypeState] = {t: _TypeState() for t in TYPE_ORDER}
         self._node = build_node(bootstrap.node)

@@ -36,6 +36,8 @@ from meshpatch.routing.model import (
     VirtualHost,
 )
 from meshpatch.xds.decode_policy import route_policy
+from meshpatch.xds.decode_server import decode_server_listener
+from meshpatch.xds.decode_tls import upstream_tls
 from meshpatch.xds.type_urls import CDS, EDS, HCM_TYPE, LDS, RDS, RESOURCE_WRAPPER
 
 MAX_ITEMS = 100_000  # guards against hostile resources with absurd list sizes
@@ -85,6 +87,12 @@ def decode_listener(any_msg: any_pb2.Any) -> Tuple[str, ListenerConfig]:
     if not name:
         raise ResourceError("", "listener without a name")
     if not listener.HasField("api_listener"):
+        if listener.filter_chains or listener.HasField("default_filter_chain"):
+            # A server (inbound) listener: filter chains instead of an api_listener.
+            try:
+                return name, decode_server_listener(listener)
+            except ValueError as exc:
+                raise ResourceError(name, str(exc)) from None
         raise ResourceError(name, "not an API listener (no api_listener); client listeners need one")
     api = listener.api_listener.api_listener
     if api.type_url != HCM_TYPE:
@@ -287,12 +295,12 @@ def _route_action(action: Any, config_name: str, where: str):
 
 # --- CDS -------------------------------------------------------------------
 
-_LB_NAMES = {v: k for k, v in cluster_pb2.Cluster.LbPolicy.items()}
 _DISCOVERY_NAMES = {v: k for k, v in cluster_pb2.Cluster.DiscoveryType.items()}
-SUPPORTED_LB = {"ROUND_ROBIN"}
 
 
 def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
+    from meshpatch.xds import decode_lb as policy  # local: keeps this file's import block untouched
+
     cluster = _unpack(any_msg, cluster_pb2.Cluster(), CDS)
     name = cluster.name
     if not name:
@@ -304,12 +312,20 @@ def decode_cluster(any_msg: any_pb2.Any) -> Tuple[str, ClusterConfig]:
     eds = cluster.eds_cluster_config
     if eds.eds_config.WhichOneof("config_source_specifier") not in ("ads", "self"):
         raise ResourceError(name, "eds_config must be ads (only ADS is supported)")
-    lb = _LB_NAMES.get(cluster.lb_policy, str(cluster.lb_policy))
-    if lb not in SUPPORTED_LB:
-        raise ResourceError(name, f"lb_policy {lb} not supported by this meshpatch version (supported: ROUND_ROBIN)")
-    if cluster.HasField("transport_socket") and cluster.transport_socket.name not in ("", "envoy.transport_sockets.raw_buffer"):
-        raise ResourceError(name, f"transport_socket {cluster.transport_socket.name!r} (TLS) not supported yet; refusing rather than sending plaintext")
-    return name, ClusterConfig(name, eds.service_name or name, lb, _subset_labels(cluster))
+    tls = None
+    if cluster.HasField("transport_socket"):
+        try:
+            tls = upstream_tls(cluster.transport_socket)
+        except ValueError as exc:
+            raise ResourceError(name, f"transport_socket: {exc}") from None
+    try:
+        lb = policy.lb_config(cluster)
+        breakers = policy.circuit_breakers(cluster)
+        outlier = policy.outlier_detection(cluster)
+    except ValueError as exc:
+        raise ResourceError(name, str(exc)) from None
+    return name, ClusterConfig(name, eds.service_name or name, lb.policy, lb, breakers, outlier,
+                               subset_labels=_subset_labels(cluster), tls=tls)
 
 
 def _subset_labels(cluster: Any):
@@ -338,6 +354,7 @@ def decode_endpoints(any_msg: any_pb2.Any) -> Tuple[str, EndpointsConfig]:
     _check_count(name, "locality groups", cla.endpoints)
     localities = []
     total = 0
+    seen = set()
     for group in cla.endpoints:
         locality = f"{group.locality.region}/{group.locality.zone}/{group.locality.sub_zone}"
         _check_count(name, "endpoints", group.lb_endpoints)
@@ -353,6 +370,11 @@ def decode_endpoints(any_msg: any_pb2.Any) -> Tuple[str, EndpointsConfig]:
                 raise ResourceError(name, "endpoint without a socket address")
             if not 0 < sock.port_value < 65536:
                 raise ResourceError(name, f"endpoint {sock.address} has invalid port {sock.port_value}")
+            key = (sock.address, sock.port_value)
+            if key in seen:
+                # gRPC NACKs these too; per-endpoint state (least request, ejection) is keyed by address.
+                raise ResourceError(name, f"duplicate endpoint address {sock.address}:{sock.port_value}")
+            seen.add(key)
             metadata = _metadata(lb_ep.metadata) if lb_ep.HasField("metadata") else {}
             weight = lb_ep.load_balancing_weight.value if lb_ep.HasField("load_balancing_weight") else 1
             endpoints.append(Endpoint(sock.address, sock.port_value, int(lb_ep.health_status), weight or 1, metadata, locality))

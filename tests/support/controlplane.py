@@ -19,7 +19,7 @@ import queue
 import shutil
 import tempfile
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -62,13 +62,14 @@ class ControlPlane:
     """An in-process :class:`ControlPlaneServer` fed from a temp-dir YAML file."""
 
     def __init__(self, yaml_text: str = "", *, poll_interval: float = 0.05, filename: str = "mesh.yaml",
-                 listen: str = "127.0.0.1:0") -> None:
+                 resource_hook: Optional[Callable[[str, Message], None]] = None, listen: str = "127.0.0.1:0") -> None:
         self._initial = yaml_text
         self._dir = tempfile.mkdtemp(prefix="meshpatch-cp-")
         self.config_file = os.path.join(self._dir, filename)
         self.config_dir = self._dir
         self._write_file(yaml_text)
-        self.server = ControlPlaneServer(self._dir, listen=listen, poll_interval=poll_interval)
+        self.server = ControlPlaneServer(self._dir, listen=listen, poll_interval=poll_interval,
+                                         resource_hook=resource_hook)
 
     @property
     def address(self) -> str:
@@ -139,15 +140,17 @@ def bootstrap_config(
     node_id: str = DEFAULT_NODE_ID,
     namespace: str = DEFAULT_NAMESPACE,
     metadata: Optional[Dict[str, object]] = None,
+    locality: Optional[Dict[str, str]] = None,
 ) -> Dict[str, object]:
-    """A proxyless gRPC bootstrap in istio-agent's shape (insecure channel creds)."""
+    """A proxyless gRPC bootstrap in istio-agent's shape (insecure channel creds);
+    ``locality`` is ``{"region": .., "zone": .., "sub_zone": ..}``."""
     md: Dict[str, object] = {"GENERATOR": "grpc", "NAMESPACE": namespace}
     md.update(metadata or {})
     return {
         "xds_servers": [
             {"server_uri": address, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}
         ],
-        "node": {"id": node_id, "metadata": md, "locality": {}},
+        "node": {"id": node_id, "metadata": md, "locality": dict(locality or {})},
         "server_listener_resource_name_template": "xds.istio.io/grpc/lds/inbound/%s",
     }
 
@@ -186,6 +189,7 @@ class AdsClient:
         node_id: str = DEFAULT_NODE_ID,
         namespace: Optional[str] = DEFAULT_NAMESPACE,
         metadata: Optional[Dict[str, object]] = None,
+        locality: Optional[Dict[str, str]] = None,
     ) -> None:
         md: Dict[str, object] = {"GENERATOR": "grpc"}
         if namespace is not None:
@@ -193,7 +197,7 @@ class AdsClient:
         md.update(metadata or {})
         st = struct_pb2.Struct()
         st.update(md)
-        self.node = base_pb2.Node(id=node_id, metadata=st)
+        self.node = base_pb2.Node(id=node_id, metadata=st, locality=base_pb2.Locality(**(locality or {})))
         self._node_sent = False
         self._requests: "queue.Queue[Optional[discovery_pb2.DiscoveryRequest]]" = queue.Queue()
         self._responses: "queue.Queue[object]" = queue.Queue()

@@ -1,0 +1,37 @@
+"""Istio-style workload security for the calls meshpatch routes and the gRPC servers it manages.
+
+* :mod:`.model` — the decoded TLS settings (immutable, hashable by value);
+* :mod:`.providers` — the bootstrap's ``certificate_providers`` (``file_watcher``),
+  re-read on their refresh interval and when the files change;
+* :mod:`.san` — SAN matching (``match_subject_alt_names``) on a peer certificate;
+* :mod:`.client_tls` — per (cluster TLS config, certificate generation) client
+  material: an :class:`ssl.SSLContext` that checks SPIFFE SANs itself;
+* :mod:`.local_xds` — an in-process xDS server that hands grpc-core its own
+  security config (xds credentials) for mTLS sub-channels and managed servers;
+* :mod:`.rbac` — the RBAC engine (gRPC A41 semantics) and its counters;
+* :mod:`.server` — managed ``grpc.server`` / ``grpc.aio.server`` ports.
+
+Nothing here is imported at interpreter start.
+"""
+
+
+def status() -> dict:
+    """Certificate providers (generations, reloads, errors), managed gRPC server
+    ports (mesh state, bound mode, restart-needed) and RBAC counters — for
+    status output and telemetry.  Imports nothing that is not loaded yet."""
+    import sys
+
+    out: dict = {}
+    providers = sys.modules.get("meshpatch.security.providers")
+    if providers is not None:
+        out["certificate_providers"] = providers.status()  # type: ignore[attr-defined]
+    server = sys.modules.get("meshpatch.security.server")
+    if server is not None:
+        out["servers"] = server.status()  # type: ignore[attr-defined]
+    rbac = sys.modules.get("meshpatch.security.rbac")
+    if rbac is not None:
+        out["rbac"] = rbac.COUNTERS.snapshot()  # type: ignore[attr-defined]
+    local = sys.modules.get("meshpatch.security.local_xds")
+    if local is not None and local._local is not None:  # type: ignore[attr-defined]
+        out["local_xds"] = {"streams_opened": local._local.streams_opened, "nacks": dict(local._local.nacks)}  # type: ignore[attr-defined]
+    return out
