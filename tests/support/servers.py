@@ -474,6 +474,12 @@ def app_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     PYTHONPATH, with the venv's bin dir first on PATH, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPATCH_") and k != "PYTHONPATH"}
     env["PATH"] = venv_bin() + os.pathsep + env.get("PATH", "")
+    # Each app is its own "pod" unless a test says otherwise (``extra`` may set its
+    # own MESHPATCH_RUNTIME_DIR to make several processes share one stream): with
+    # the default runtime dir (/tmp/meshpatch-<uid>) apps of different tests that
+    # use the same control-plane address would share one upstream stream, and a
+    # straggler of one test could serve another test's config.
+    env["MESHPATCH_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="meshpatch-pod-")
     env.update(extra or {})
     return env
 
