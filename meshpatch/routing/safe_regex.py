@@ -55,8 +55,13 @@ def compile_pattern(pattern: str) -> Any:
         raise ValueError(f"regex longer than {MAX_PATTERN} characters")
     if _POSIX_CLASS.search(pattern):
         raise ValueError(f"invalid regex {pattern!r}: POSIX character classes ([[:alpha:]]) are not supported")
+    import warnings
+
     try:
-        tree = _p.parse(pattern, 0)
+        with warnings.catch_warnings():
+            # "Possible nested set" for "[[": RE2 and Python both read it as a literal "[" today.
+            warnings.simplefilter("ignore", FutureWarning)
+            tree = _p.parse(pattern, 0)
     except (re.error, RecursionError, OverflowError) as exc:
         raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
     flags = tree.state.flags
@@ -65,7 +70,9 @@ def compile_pattern(pattern: str) -> Any:
     _check(tree, pattern)
     if _backtracking_safe(tree):
         try:
-            return re.compile(pattern, re.ASCII)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return re.compile(pattern, re.ASCII)
         except (re.error, RecursionError, OverflowError) as exc:  # pragma: no cover - parse() accepted it
             raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
     return LazyDfa(pattern, tree, flags)
