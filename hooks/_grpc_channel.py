@@ -115,3 +115,27 @@ class RoutedChannelCore:
     def endpoints(self) -> Tuple[Tuple[str, int], ...]:
         """Endpoints this channel has sub-channels to (status output, tests)."""
         return endpoints(list(self._subchannels))
+
+
+class DispatchCore:
+    """Per (channel, method) state shared by the sync and aio multicallables: the
+    real multicallable for each endpoint, cached so the hot path is one pick and
+    one dict lookup."""
+
+    __slots__ = ("_channel", "_kind", "_method", "_args", "_kwargs", "_calls")
+
+    def __init__(self, channel: Any, kind: str, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        self._channel = channel
+        self._kind = kind
+        self._method = method
+        self._args = args
+        self._kwargs = kwargs
+        self._calls: Dict[Key, Any] = {}
+
+    def _callable(self, key: Key) -> Any:
+        call = self._calls.get(key)
+        if call is None:
+            channel = self._channel._channel_for(key)
+            call = getattr(channel, self._kind)(self._method, *self._args, **self._kwargs)
+            self._calls[key] = call
+        return call

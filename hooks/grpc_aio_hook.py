@@ -27,7 +27,7 @@ from meshpatch.internal import suppressed
 
 from ._common import is_patched, is_suppressed, mark_patched
 from ._grpc_mtls import attempt_key
-from ._grpc_channel import RoutedChannelCore, plan_channel
+from ._grpc_channel import DispatchCore, RoutedChannelCore, plan_channel
 from ._grpc_target import MeshTarget
 
 _Key = Optional[Tuple[Any, ...]]
@@ -161,24 +161,8 @@ class MeshAioChannel(RoutedChannelCore, grpc.aio.Channel):
         return _StreamStream(self, "stream_stream", method, (request_serializer, response_deserializer) + args, kwargs)
 
 
-class _Dispatch:
-    __slots__ = ("_channel", "_kind", "_method", "_args", "_kwargs", "_calls")
-
-    def __init__(self, channel: MeshAioChannel, kind: str, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        self._channel = channel
-        self._kind = kind
-        self._method = method
-        self._args = args
-        self._kwargs = kwargs
-        self._calls: Dict[_Key, Any] = {}
-
-    def _callable(self, key: _Key) -> Any:
-        call = self._calls.get(key)
-        if call is None:
-            channel = self._channel._channel_for(key)
-            call = getattr(channel, self._kind)(self._method, *self._args, **self._kwargs)
-            self._calls[key] = call
-        return call
+class _Dispatch(DispatchCore):
+    __slots__ = ()
 
     def _attempt(self, call: Any, request: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
         """Start one attempt: (pick, the real aio call)."""

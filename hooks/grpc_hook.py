@@ -30,7 +30,7 @@ from meshpatch.internal import suppressed
 
 from ._common import is_patched, is_suppressed, mark_patched
 from ._grpc_mtls import attempt_key
-from ._grpc_channel import RoutedChannelCore, plan_channel
+from ._grpc_channel import DispatchCore, RoutedChannelCore, plan_channel
 from ._grpc_target import MeshTarget
 
 # endpoint (address, port), plus the ClientTls for mTLS clusters; None = the app's own target
@@ -285,28 +285,12 @@ def report_when_done(rpc: Any, pick: Any, call: Any) -> Any:
     return rpc
 
 
-class _Dispatch:
+class _Dispatch(DispatchCore):
     """Per (channel, method): routes each call and hands it to a real
     multicallable, cached per endpoint so the hot path is one pick and one
     dict lookup."""
 
-    __slots__ = ("_channel", "_kind", "_method", "_args", "_kwargs", "_calls")
-
-    def __init__(self, channel: MeshChannel, kind: str, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        self._channel = channel
-        self._kind = kind
-        self._method = method
-        self._args = args
-        self._kwargs = kwargs
-        self._calls: Dict[_Key, Any] = {}
-
-    def _callable(self, key: _Key) -> Any:
-        call = self._calls.get(key)
-        if call is None:
-            channel = self._channel._channel_for(key)
-            call = getattr(channel, self._kind)(self._method, *self._args, **self._kwargs)
-            self._calls[key] = call
-        return call
+    __slots__ = ()
 
     def _prepare(self, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
         """(routed call or None, pick for a single attempt or None); applies faults.
