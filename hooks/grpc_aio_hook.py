@@ -287,9 +287,7 @@ class _UnaryCall:
                 call.attempt_finished()
                 call.finish(outcome)
                 raise
-            pick.finished(outcome)
-            call.attempt_finished()
-            delay = call.retry_delay(outcome)
+            delay = call.attempt_done(outcome)
             if delay is None:
                 if error is not None:
                     self._error = error

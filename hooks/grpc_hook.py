@@ -292,8 +292,8 @@ class _Dispatch(DispatchCore):
 
     __slots__ = ()
 
-    def _prepare(self, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
-        """(routed call or None, pick for a single attempt or None); applies faults.
+    def _prepare(self, kwargs: Dict[str, Any]) -> Any:
+        """The routed call or None (not in the mesh); applies faults.
         ``kwargs`` is this call's own dict: the lane goes into its metadata."""
         metadata = kwargs.get("metadata")
         try:
@@ -304,7 +304,13 @@ class _Dispatch(DispatchCore):
             safety.internal_error("hooks.grpc.lane", exc)
         call = self._channel._start(self._method, kwargs.get("metadata"))
         if call is None:
-            return None, None
+            return None
+        if call.policy.fault is not None:
+            self._fault(call)
+        return call
+
+    @staticmethod
+    def _fault(call: Any) -> None:
         fault = call.fault()
         if fault is not None:
             try:
@@ -318,7 +324,6 @@ class _Dispatch(DispatchCore):
                     raise error
             finally:
                 fault.done()
-        return call, None
 
     def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any], Any]:
         try:
@@ -334,7 +339,7 @@ class _Dispatch(DispatchCore):
 
     def _blocking(self, how: str, request: Any, kwargs: Dict[str, Any], retry: bool) -> Any:
         """A blocking call: attempts with retries, as Envoy/gRPC A44 do."""
-        call, _ = self._prepare(kwargs)
+        call = self._prepare(kwargs)
         if call is None:
             target = self._callable(None)
             return target(request, **kwargs) if how == "__call__" else getattr(target, how)(request, **kwargs)
@@ -343,7 +348,7 @@ class _Dispatch(DispatchCore):
         while True:
             pick, attempt_kwargs, key = self._pick(call, kwargs)
             target = self._callable(key)
-            pick.started()
+            call.handle.on_attempt_start(pick.endpoint)
             error = None
             try:
                 result = target(request, **attempt_kwargs) if how == "__call__" else getattr(target, how)(request, **attempt_kwargs)
@@ -355,10 +360,7 @@ class _Dispatch(DispatchCore):
                 call.attempt_finished()
                 call.finish(outcome)
                 raise
-            outcome = outcome_of(error)
-            pick.finished(outcome)
-            call.attempt_finished()
-            delay = call.retry_delay(outcome)
+            delay = call.attempt_done(outcome_of(error))
             if delay is None:
                 if error is not None:
                     raise error
@@ -370,7 +372,7 @@ class _Dispatch(DispatchCore):
     def _started(self, request: Any, kwargs: Dict[str, Any], how: Optional[str]) -> Any:
         """A call that returns before it ends (future, stream): one attempt,
         outcome reported on termination."""
-        call, _ = self._prepare(kwargs)
+        call = self._prepare(kwargs)
         if call is None:
             target = self._callable(None)
             return target(request, **kwargs) if how is None else getattr(target, how)(request, **kwargs)

@@ -332,10 +332,7 @@ def _begin(plan: Any, request: Any) -> Any:
 def _end(plan: Any, pick: Any, response: Any, error: Optional[BaseException]) -> Optional[float]:
     """One attempt ended: report it; the delay before a retry, or None when done."""
     outcome = _outcome_from_error(error) if error is not None else Outcome(OK, response.status_code)
-    pick.finished(outcome)
-    call = plan.call
-    call.attempt_finished()
-    return call.retry_delay(outcome)
+    return plan.call.attempt_done(outcome)
 
 
 def _abort(plan: Any, request: Any) -> Optional[Any]:

@@ -201,7 +201,8 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
 
 def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url: str, router: Any, call: Any,
              scheme: str, host: str, port: Optional[int], path_start: int) -> Any:
-    fault = call.fault()
+    policy = call.policy
+    fault = call.fault() if policy.fault is not None else None
     if fault is not None:
         try:
             if fault.delay:
@@ -213,16 +214,16 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             fault.done()
     headers = request.headers
     saved_headers = None
-    policy = call.policy
     ops = call.header_ops()
-    if ops:
+    if ops is not None:
         saved_headers = headers.copy()
         apply_header_ops(headers, ops.request_add, ops.request_remove)
     previous_host = headers.get("Host")
     add_host = previous_host is None or policy.host_rewrite is not None
     if add_host:
         headers["Host"] = policy.host_rewrite or (host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}")
-    tail = call.rewritten_path() or url[path_start:]
+    tail = (call.rewritten_path() if policy.prefix_rewrite is not None or policy.regex_rewrite is not None
+            else None) or url[path_start:]
     tls_host = (policy.host_rewrite or host) if scheme == "https" else None
     body = request.body
     replayable = body is None or isinstance(body, (bytes, str))
@@ -254,7 +255,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
                 if tls_host is not None:
                     setattr(request, TLS_HOST_ATTR, tls_host)
                 attempt_args, attempt_kwargs = args[1:], send_kwargs
-            pick.started()
+            call.handle.on_attempt_start(pick.endpoint)
             response = error = None
             try:
                 response = wrapped(request, *attempt_args, **attempt_kwargs)
@@ -262,9 +263,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             except BaseException as exc:  # classified, reported, then re-raised below
                 error = exc
                 outcome = _outcome_from_error(exc)
-            pick.finished(outcome)
-            call.attempt_finished()
-            delay = call.retry_delay(outcome)
+            delay = call.attempt_done(outcome)
             if delay is None:
                 break
             if response is not None:
@@ -272,12 +271,10 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             _time.sleep(delay)
     finally:
         request.url = url
-        for attr, used in ((TLS_HOST_ATTR, tls_host is not None), (MESH_TLS_ATTR, used_mesh_tls)):
-            if used:
-                try:
-                    delattr(request, attr)
-                except AttributeError:
-                    pass
+        if tls_host is not None:
+            request.__dict__.pop(TLS_HOST_ATTR, None)
+        if used_mesh_tls:
+            request.__dict__.pop(MESH_TLS_ATTR, None)
         if saved_headers is not None:
             request.headers = saved_headers
         elif add_host:
@@ -289,7 +286,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
         raise error
     try:
         response.url = url
-        if ops and (ops.response_add or ops.response_remove):
+        if ops is not None and (ops.response_add or ops.response_remove):
             apply_header_ops(response.headers, ops.response_add, ops.response_remove)
     except Exception as exc:  # an adapter subclass returning something odd
         safety.internal_error("hooks.requests.response", exc)

@@ -69,11 +69,11 @@ def current_lane() -> Optional[str]:
 
 
 def _baggage_lane() -> Optional[str]:
-    otel_context = _otel_context()
-    if otel_context is None:
+    read = _CURRENT_CONTEXT or _context_reader()
+    if read is None:
         return None
     try:
-        current = otel_context.get_current()
+        current = read()
         if not current:  # empty Context: no baggage (the common, cheap case)
             return None
         from opentelemetry import baggage
@@ -85,6 +85,20 @@ def _baggage_lane() -> Optional[str]:
 
 
 _OTEL_CONTEXT: Any = False  # False = not looked up yet, None = not installed
+_CURRENT_CONTEXT: Any = None  # reads OTel's current Context; set once OTel is imported
+
+
+def _context_reader() -> Any:
+    """How to read OTel's current Context on every outbound call: the API's
+    ContextVar's own ``get`` when its runtime context has the usual layout (one C
+    call), else the public ``get_current``."""
+    global _CURRENT_CONTEXT
+    otel_context = _otel_context()
+    if otel_context is None:
+        return None
+    var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+    _CURRENT_CONTEXT = var.get if callable(getattr(var, "get", None)) else otel_context.get_current
+    return _CURRENT_CONTEXT
 
 
 def _otel_context() -> Any:

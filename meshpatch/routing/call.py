@@ -108,13 +108,12 @@ class Call:
     def attempt_timeout(self) -> Optional[float]:
         """Timeout for the next attempt: per_try_timeout bounded by what is left
         of the call's timeout; None = no limit from the mesh."""
-        limits: List[float] = []
         retry = self.policy.retry
-        if retry is not None and retry.per_try_timeout > 0:
-            limits.append(retry.per_try_timeout)
+        limit = retry.per_try_timeout if retry is not None and retry.per_try_timeout > 0 else None
         if self.deadline is not None:
-            limits.append(max(self.deadline - time.monotonic(), 0.001))
-        return min(limits) if limits else None
+            left = max(self.deadline - time.monotonic(), 0.001)
+            return left if limit is None or left < limit else limit
+        return limit
 
     # -- attempts -----------------------------------------------------------
 
@@ -141,6 +140,17 @@ class Call:
                                 self.route.name, endpoint, handle)
         telemetry.attempt_started(self)
         return pick
+
+    def attempt_done(self, outcome: Outcome) -> Optional[float]:
+        """The current attempt ended with ``outcome``: report it to the cluster
+        and decide about a retry -- ``pick.finished``, :meth:`attempt_finished`
+        and :meth:`retry_delay` in one step, for the hooks' attempt loops."""
+        handle = self.handle
+        handle.on_attempt_end(self.pick.endpoint, outcome)
+        if self._in_retry:
+            self._in_retry = False
+            handle.retry_finished()
+        return self.retry_delay(outcome)
 
     def attempt_finished(self) -> None:
         """Hooks call this after ``Pick.finished`` for every attempt."""
@@ -251,13 +261,16 @@ class Call:
 
     # -- HTTP request shaping ------------------------------------------------------
 
-    def header_ops(self) -> HeaderOps:
+    def header_ops(self) -> Optional[HeaderOps]:
+        """The request/response header mutations of this call; None when there
+        are none (the common case, answered without building anything)."""
         policy = self.policy
         if policy.cluster_header_ops and self.handle is not None:
             for name, ops in policy.cluster_header_ops:
                 if name == self.handle.name:
-                    return ops.then(policy.header_ops)
-        return policy.header_ops
+                    return ops.then(policy.header_ops) or None
+        ops = policy.header_ops
+        return None if ops is NO_HEADER_OPS or not ops else ops
 
     def rewritten_path(self) -> Optional[str]:
         """The upstream path after prefix / regex rewrite, query kept; None = unchanged."""

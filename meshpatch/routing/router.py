@@ -112,7 +112,13 @@ def _query_params(path: str) -> Dict[str, Tuple[str, ...]]:
 def _hash_value(policy: Any, headers: Any, scheme: str, method: str, path: str, authority: str, source_ip: str) -> Optional[str]:
     kind = policy.kind
     if kind == "header":
-        value = _RequestHeaders(headers, scheme, method, path.split("?", 1)[0], authority).get(policy.name)
+        name = policy.name
+        if headers is not None and scheme != "grpc" and name[:1] != ":":  # a plain HTTP header: no wrapper
+            value = headers.get(name)
+            if value is not None and type(value) is not str:
+                value = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        else:
+            value = _RequestHeaders(headers, scheme, method, path.split("?", 1)[0], authority).get(name)
         if value is not None and policy.regex is not None:
             value = policy.regex.sub(policy.substitution, value)
         return value
@@ -225,11 +231,7 @@ class Router:
         match_path = path.split("?", 1)[0] if "?" in path else path
         lookup = None
         query = None
-        table = snapshot.table
-        indexed = table.indexed
-        for route in table.candidates(match_path) if indexed else snapshot.routes:
-            if not indexed and not route.path.matches(match_path):
-                continue
+        for route in snapshot.table.candidates(match_path):
             if route.headers:
                 if lookup is None:
                     lookup = _RequestHeaders(headers, scheme, method, match_path, target.authority)

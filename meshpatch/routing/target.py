@@ -472,7 +472,12 @@ class RouteTable:
 
     LINEAR_MAX = 8
 
-    __slots__ = ("routes", "indexed", "_by_prefix", "_by_exact", "_generic", "_lengths")
+    #: Paths remembered per table: a service's request paths repeat, and a hit
+    #: is one dict probe instead of the index walk and a new list.  Cleared when
+    #: full, so ID-like paths cannot grow it without bound.
+    CACHE_MAX = 4096
+
+    __slots__ = ("routes", "indexed", "_by_prefix", "_by_exact", "_generic", "_lengths", "_cache")
 
     def __init__(self, routes: Tuple[CompiledRoute, ...]) -> None:
         self.routes = routes
@@ -489,12 +494,23 @@ class RouteTable:
             else:
                 self._generic.append(index)
         self._lengths = sorted({len(p) for p in self._by_prefix})
+        self._cache: Dict[str, Tuple[CompiledRoute, ...]] = {}
 
     def candidates(self, path: str) -> Any:
         """Routes whose path matcher accepts ``path``, in route order."""
+        found = self._cache.get(path)
+        if found is None:
+            found = self._candidates(path)
+            cache = self._cache
+            if len(cache) >= self.CACHE_MAX:
+                cache.clear()  # thread-safe under the GIL; readers just miss
+            cache[path] = found
+        return found
+
+    def _candidates(self, path: str) -> Tuple[CompiledRoute, ...]:
         routes = self.routes
         if not self.indexed:
-            return [r for r in routes if r.path.matches(path)]
+            return tuple(r for r in routes if r.path.matches(path))
         found: List[int] = []
         get = self._by_prefix.get
         size = len(path)
@@ -512,7 +528,7 @@ class RouteTable:
                 found.append(index)
         if len(found) > 1:
             found.sort()
-        return [routes[i] for i in found]
+        return tuple(routes[i] for i in found)
 
 
 class TargetSnapshot:
