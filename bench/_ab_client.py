@@ -1,0 +1,135 @@
+"""In-process A/B benchmark client: meshpatch's added cost per call, measured
+without comparing two processes.
+
+Runs under ``meshpatch-run``.  For each library it alternates short batches of
+calls in one process, one interpreter, one server:
+
+* ``direct``: the IP URL with the library *unpatched* (the wrapt wrappers
+  swapped back to the original functions for the batch; for gRPC a channel
+  made by the original ``insecure_channel``), i.e. no meshpatch code at all;
+* ``name``: the mesh hostname, unpatched, resolved by the system (a private
+  /etc/hosts; only when the runner set one up): what the app pays without
+  meshpatch for calling by name;
+* ``mesh``: the mesh hostname, patched, routed by meshpatch.
+
+Alternating batches cancel the drift that dominates cross-process comparisons
+on a shared 2-core machine.  Prints one JSON line: per library and mode the
+median of all per-call samples (microseconds), wall clock and the calling
+thread's CPU time.
+
+Usage: meshpatch-run python bench/_ab_client.py IP NAME HTTP_PORT GRPC_PORT
+       MESH_HTTP_URL MESH_GRPC_TARGET ROUNDS BATCH [with-name]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+import grpc
+import httpx
+import requests
+from requests import adapters
+
+CLOCK = time.perf_counter
+
+
+def _original(owner: Any, name: str) -> Any:
+    return getattr(owner.__dict__[name], "__wrapped__", owner.__dict__[name])
+
+
+class Unpatched:
+    """Swap the wrapt wrappers of requests and httpx back for a batch."""
+
+    def __init__(self) -> None:
+        self.slots = []
+        for owner, name in ((adapters.HTTPAdapter, "send"),
+                            (adapters.HTTPAdapter, "build_connection_pool_key_attributes"),
+                            (httpx.HTTPTransport, "handle_request")):
+            wrapper = owner.__dict__[name]
+            original = _original(owner, name)
+            if original is wrapper:
+                raise SystemExit(f"{owner.__name__}.{name} is not patched: run under meshpatch-run")
+            self.slots.append((owner, name, wrapper, original))
+
+    def __enter__(self) -> None:
+        for owner, name, _wrapper, original in self.slots:
+            setattr(owner, name, original)
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, wrapper, _original in self.slots:
+            setattr(owner, name, wrapper)
+
+
+def batch(call: Callable[[], None], n: int, wall: List[float], cpu: List[float]) -> None:
+    """Per call: wall-clock latency and this thread's CPU time (the client's own
+    work, which is where meshpatch's cost lives, minus the machine's noise)."""
+    clock = CLOCK
+    thread_clock = time.thread_time
+    for _ in range(n):
+        start = clock()
+        start_cpu = thread_clock()
+        call()
+        cpu.append((thread_clock() - start_cpu) * 1e6)
+        wall.append((clock() - start) * 1e6)
+
+
+def main() -> None:
+    ip, name, http_port, grpc_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    mesh_url, mesh_target = sys.argv[5], sys.argv[6]
+    rounds, size = int(sys.argv[7]), int(sys.argv[8])
+    with_name = len(sys.argv) > 9 and sys.argv[9] == "with-name"
+    unpatched = Unpatched()
+    modes = ["direct", "mesh"] + (["name"] if with_name else [])
+    urls = {"direct": f"http://{ip}:{http_port}/r", "name": f"http://{name}:{http_port}/r", "mesh": mesh_url}
+    session = requests.Session()
+    client = httpx.Client()
+    original_channel = getattr(grpc.insecure_channel, "__wrapped__", grpc.insecure_channel)
+    channels = {"direct": original_channel(f"{ip}:{grpc_port}"), "name": original_channel(f"{name}:{grpc_port}"),
+                "mesh": grpc.insecure_channel(mesh_target)}
+    unaries = {mode: channels[mode].unary_unary("/bench.Echo/Call", request_serializer=None,
+                                                 response_deserializer=None) for mode in modes}
+
+    def http_call(get: Callable[..., Any], url: str) -> Callable[[], None]:
+        def call() -> None:
+            response = get(url)
+            assert response.status_code == 200
+        return call
+
+    def grpc_call(unary: Any) -> Callable[[], None]:
+        def call() -> None:
+            assert unary(b"ping", timeout=5)
+        return call
+
+    calls: Dict[str, Dict[str, Callable[[], None]]] = {
+        "requests": {m: http_call(session.get, urls[m]) for m in modes},
+        "httpx": {m: http_call(client.get, urls[m]) for m in modes},
+        "grpc": {m: grpc_call(unaries[m]) for m in modes},
+    }
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for lib, by_mode in calls.items():
+        wall: Dict[str, List[float]] = {m: [] for m in modes}
+        cpu: Dict[str, List[float]] = {m: [] for m in modes}
+        for mode in modes:  # warm-up: connections, pools, the first (waiting) mesh call
+            if mode == "mesh":
+                batch(by_mode[mode], 200, [], [])
+            else:
+                with unpatched:
+                    batch(by_mode[mode], 200, [], [])
+        for _ in range(rounds):
+            for mode in modes:
+                if mode == "mesh":
+                    batch(by_mode[mode], size, wall[mode], cpu[mode])
+                else:
+                    with unpatched:
+                        batch(by_mode[mode], size, wall[mode], cpu[mode])
+        out[lib] = {"wall": {m: statistics.median(s) for m, s in wall.items()},
+                    "cpu": {m: statistics.median(s) for m, s in cpu.items()}}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

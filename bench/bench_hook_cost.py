@@ -1,0 +1,161 @@
+"""meshpatch's own CPU per call, per hook: the wrapper and the router around a
+library send that does nothing.
+
+End-to-end latency on loopback (bench_overhead.py) is hundreds of microseconds
+per call and swings by tens on a shared machine; the few microseconds meshpatch
+adds drown in that.  Here each hook's real wrapper runs with the real agent
+(xDS from an in-process ADS server: one service, a catch-all route, one
+endpoint) around a no-op in place of the library's network send, so what is
+timed is exactly the code meshpatch adds to a call: request inspection, route
+match, pick, Host/URL rewriting, outcome reporting, retry decision.
+
+    .venv/bin/python bench/bench_hook_cost.py
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support import xds_resources as res  # noqa: E402
+from tests.support.scripted_ads import ScriptedAds  # noqa: E402
+from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS  # noqa: E402
+
+FQDN = "bench.default.svc.cluster.local"
+BATCH = 2000
+
+
+def serve_mesh() -> ScriptedAds:
+    ads = ScriptedAds().start()
+    rds = f"outbound|80||{FQDN}"
+    grpc_rds = f"outbound|7070||{FQDN}"
+    cluster = f"outbound|80|v1|{FQDN}"
+    grpc_cluster = f"outbound|7070|v1|{FQDN}"
+    ads.serve({
+        LDS: {f"{FQDN}:80": res.listener(f"{FQDN}:80", rds), f"{FQDN}:7070": res.listener(f"{FQDN}:7070", grpc_rds)},
+        RDS: {rds: res.route_config(rds, [("bench:80", [FQDN, f"{FQDN}:80"], [res.route("/", cluster=cluster)])]),
+              grpc_rds: res.route_config(grpc_rds, [("bench:7070", [FQDN, f"{FQDN}:7070"],
+                                                     [res.route("/", cluster=grpc_cluster)])])},
+        CDS: {cluster: res.cluster(cluster), grpc_cluster: res.cluster(grpc_cluster)},
+        EDS: {cluster: res.cla(cluster, [("127.0.0.2", 8080)]), grpc_cluster: res.cla(grpc_cluster, [("127.0.0.2", 9090)])},
+    }, "1")
+    return ads
+
+
+def cpu_per_call(call: Callable[[], Any], batches: int = 40) -> float:
+    """Median over batches of this thread's CPU time per call (microseconds)."""
+    for _ in range(BATCH):
+        call()
+    samples: List[float] = []
+    clock = time.thread_time
+    for _ in range(batches):
+        start = clock()
+        for _ in range(BATCH):
+            call()
+        samples.append((clock() - start) / BATCH * 1e6)
+    return statistics.median(samples)
+
+
+def requests_case() -> tuple:
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    from meshpatch.hooks import requests_hook
+
+    response = requests.Response()
+    response.status_code = 200
+
+    def send(request: Any, *args: Any, **kwargs: Any) -> Any:
+        return response
+
+    adapter = HTTPAdapter()
+    request = requests.Request("GET", f"http://{FQDN}/reviews/1", headers={"accept": "*/*"}).prepare()
+    wrapper = requests_hook._send_wrapper
+
+    def direct() -> Any:
+        return send(request, timeout=5)
+
+    def mesh() -> Any:
+        return wrapper(send, adapter, (request,), {"timeout": 5})
+
+    assert mesh() is response and request.url == f"http://{FQDN}/reviews/1"
+    return direct, mesh
+
+
+def httpx_case() -> tuple:
+    import httpx
+
+    from meshpatch.hooks import httpx_hook
+
+    response = httpx.Response(200)
+    transport = httpx.HTTPTransport()
+
+    def send(request: Any) -> Any:
+        return response
+
+    request = httpx.Request("GET", f"http://{FQDN}/reviews/1", headers={"accept": "*/*"})
+    wrapper = httpx_hook._handle_request
+
+    def direct() -> Any:
+        return send(request)
+
+    def mesh() -> Any:
+        return wrapper(send, transport, (request,), {})
+
+    assert mesh() is response
+    return direct, mesh
+
+
+class _NoopChannel:
+    """Stands in for grpc's channel: the multicallable answers at once."""
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return lambda request, **kw: b"pong"
+
+    def close(self) -> None:
+        pass
+
+
+def grpc_case() -> tuple:
+    from meshpatch.hooks import grpc_hook
+
+    channel = grpc_hook._insecure_channel_wrapper(lambda *a, **k: _NoopChannel(), None, (f"{FQDN}:7070",), {})
+    assert isinstance(channel, grpc_hook.MeshChannel), channel
+    mesh_unary = channel.unary_unary("/bench.Echo/Call")
+    direct_unary = _NoopChannel().unary_unary("/bench.Echo/Call")
+
+    def direct() -> Any:
+        return direct_unary(b"ping", timeout=5)
+
+    def mesh() -> Any:
+        return mesh_unary(b"ping", timeout=5)
+
+    assert mesh() == b"pong"
+    return direct, mesh
+
+
+def main() -> None:
+    ads = serve_mesh()
+    os.environ["MESHPATCH_XDS_SERVER"] = ads.address
+    os.environ["MESHPATCH_SHARE_STREAM"] = "0"
+    from meshpatch.agent import get_agent
+
+    agent = get_agent()
+    assert agent is not None
+    print("meshpatch CPU per call, hook + router around a no-op send (median of 2000-call batches, microseconds)")
+    print(f"  {'hook':10}{'no-op send':>12}{'via hook':>10}{'added':>8}")
+    for name, case in (("requests", requests_case), ("httpx", httpx_case), ("grpc", grpc_case)):
+        direct, mesh = case()
+        d, m = cpu_per_call(direct), cpu_per_call(mesh)
+        print(f"  {name:10}{d:12.2f}{m:10.2f}{m - d:8.2f}")
+    ads.stop()
+
+
+if __name__ == "__main__":
+    main()
