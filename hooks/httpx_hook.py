@@ -39,6 +39,8 @@ _SCHEMES = ("http", "https")
 def patch(module: Any) -> str:
     import wrapt
 
+    global _BYTE_STREAM
+    _BYTE_STREAM = getattr(module, "ByteStream", None)
     sync_transport = module.HTTPTransport
     async_transport = module.AsyncHTTPTransport
     if is_patched(sync_transport):
@@ -128,22 +130,24 @@ class _Plan:
 
         self.call = call
         self.url = request.url
-        rewritten = call.rewritten_path()
+        policy = call.policy
+        rewritten = call.rewritten_path() if policy.prefix_rewrite is not None or policy.regex_rewrite is not None else None
         self.raw_path = rewritten.encode("ascii") if rewritten is not None else None
-        host_rewrite = call.policy.host_rewrite
+        host_rewrite = policy.host_rewrite
         self.tls_host = (host_rewrite or self.url.host) if self.url.scheme == "https" else None
         self.saved_extensions = dict(request.extensions)
         self.saved_headers = None
         self.mesh_tls: Any = None
         self.ops = call.header_ops()
-        if self.ops or host_rewrite:
+        self.fault = None
+        if self.ops is not None or host_rewrite:
             self.saved_headers = request.headers.copy()
-            if self.ops:
+            if self.ops is not None:
                 apply_header_ops(request.headers, self.ops.request_add, self.ops.request_remove)
             if host_rewrite:
                 request.headers["Host"] = host_rewrite
-        replayable = _replayable(request)
-        if call.policy.mirrors and replayable:
+        replayable = request.stream.__class__ is _BYTE_STREAM or _replayable(request)
+        if policy.mirrors and replayable:
             _mirror(router, call, request, self.raw_path)
         if not replayable:
             call.retries = 1 << 30  # a streamed body cannot be sent twice
@@ -173,7 +177,7 @@ class _Plan:
 
     def finish_response(self, response: Any) -> Any:
         ops = self.ops
-        if ops and (ops.response_add or ops.response_remove):
+        if ops is not None and (ops.response_add or ops.response_remove):
             from meshpatch.routing.call import apply_header_ops
 
             try:
@@ -250,8 +254,11 @@ def _replayable(request: Any) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
+_BYTE_STREAM: Any = None  # httpx.ByteStream, once patched (the usual, replayable body)
+
+
 def _local_answer(request: Any, call: Any) -> Optional[Any]:
-    kind = call.kind
+    kind = call.route.action.kind
     if kind == "direct":
         return _local_response(request, call.policy.direct.status, call.policy.direct.body)
     if kind == "redirect":
@@ -304,12 +311,13 @@ def _prepare(request: Any, site: str) -> Any:
         if started is None:
             return None
         router, call = started
-        local = _local_answer(request, call)
-        if local is not None:
-            return local
-        fault = call.fault()
+        if call.handle is None:  # redirect / direct response
+            local = _local_answer(request, call)
+            if local is not None:
+                return local
         plan = _Plan(request, router, call)
-        plan.fault = fault
+        if call.policy.fault is not None:
+            plan.fault = call.fault()
         return plan
     except MeshError as exc:
         raise _error(request, exc) from exc
