@@ -1,10 +1,15 @@
 """Added latency per call and interpreter start-up cost, side by side in one run.
 
-Latency: the same unmodified client (bench/_client.py) calls the same loopback
-endpoint twice — directly by IP, and by mesh name under ``meshpatch-run`` with
-the local control plane routing the name to that endpoint.  Rounds alternate
-(direct, mesh, direct, mesh, ...) and the median of the per-round medians is
-reported, to cancel drift on a shared 2-core machine.
+Latency: one unmodified client process under ``meshpatch-run``
+(bench/_ab_client.py) calls the same loopback endpoint in alternating batches:
+by IP with the library unpatched (no meshpatch code at all), by the mesh
+hostname unpatched and resolved by the system through a private /etc/hosts
+(what the app pays for calling by name without meshpatch), and by the mesh
+hostname routed by meshpatch.  Same process, same connections' server, same
+interpreter state: alternating batches cancel the drift that dominates
+cross-process comparisons on a shared 2-core machine.  Reported per library:
+median wall-clock latency, and the median CPU time of the calling thread
+(meshpatch's cost is CPU in that thread; the CPU column is far less noisy).
 
 Start-up: ``python -c pass`` in a bare venv without meshpatch, in the project
 venv with the agent off (MESHPATCH_ENABLED unset) and on (set, nothing
@@ -115,20 +120,18 @@ def start_control_plane(config_dir: Path, http_port: int, grpc_port: int) -> tup
     raise SystemExit("control plane did not start: " + (proc.stderr.read() if proc.stderr else ""))
 
 
-def run_client(mode: str, url: str, target: str, calls: int, xds: str, hosts_file: str = "") -> dict:
-    """mode: ``direct`` (by IP), ``name`` (by mesh name, resolved by the system
-    through a private /etc/hosts: what the app pays without meshpatch), ``mesh``."""
+def run_ab(xds: str, http_port: int, grpc_port: int, rounds: int, batch: int, hosts_file: str) -> dict:
+    """The A/B client's medians: {library: {"wall"|"cpu": {mode: microseconds}}}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHPATCH_", "GRPC_XDS"))}
-    cmd = [str(BIN / "python"), str(ROOT / "bench" / "_client.py"), url, target, str(calls)]
-    if mode == "mesh":
-        env["MESHPATCH_XDS_SERVER"] = xds
-        cmd = [str(BIN / "meshpatch-run")] + cmd
-    elif mode == "name":
-        script = 'mount --bind "$0" /etc/hosts && exec "$@"'
-        cmd = ["unshare", "-m", "sh", "-c", script, hosts_file] + cmd
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    env["MESHPATCH_XDS_SERVER"] = xds
+    cmd = [str(BIN / "meshpatch-run"), str(BIN / "python"), str(ROOT / "bench" / "_ab_client.py"), ENDPOINT_IP,
+           MESH_HOST, str(http_port), str(grpc_port), f"http://{MESH_HOST}:80/r", f"{MESH_HOST}:7070", str(rounds),
+           str(batch)]
+    if hosts_file:
+        cmd = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts_file] + cmd + ["with-name"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
-        raise SystemExit(f"client failed ({mode}):\n{out.stderr}")
+        raise SystemExit(f"A/B client failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -170,8 +173,8 @@ def isolated_venvs(tmp: Path) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=40, help="alternations of the modes per library")
+    parser.add_argument("--batch", type=int, default=100, help="calls per mode per round")
     parser.add_argument("--startup-runs", type=int, default=40)
     args = parser.parse_args()
 
@@ -179,39 +182,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cp, xds = start_control_plane(Path(tmp), http_port, grpc_port)
         try:
-            direct_url, direct_target = f"http://{ENDPOINT_IP}:{http_port}/r", f"{ENDPOINT_IP}:{grpc_port}"
-            mesh_url, mesh_target = f"http://{MESH_HOST}:80/r", f"{MESH_HOST}:7070"
             hosts_file = str(Path(tmp) / "hosts")
             Path(hosts_file).write_text(f"127.0.0.1 localhost\n{ENDPOINT_IP} {MESH_HOST}\n")
-            modes = ["direct", "mesh"] + (["name"] if name_resolution_works(hosts_file) else [])
-            urls = {"direct": (direct_url, direct_target), "mesh": (mesh_url, mesh_target),
-                    "name": (f"http://{MESH_HOST}:{http_port}/r", f"{MESH_HOST}:{grpc_port}")}
-            rounds: dict = {mode: [] for mode in modes}
-            for _ in range(args.rounds):
-                for mode in modes:
-                    url, target = urls[mode]
-                    rounds[mode].append(run_client(mode, url, target, args.calls, xds, hosts_file))
+            if not name_resolution_works(hosts_file):
+                hosts_file = ""
+            result = run_ab(xds, http_port, grpc_port, args.rounds, args.batch, hosts_file)
         finally:
             cp.terminate()
             cp.wait(10)
     http_server.shutdown()
     grpc_server.stop(None)
 
-    print(f"latency per call, loopback, keep-alive, median of {args.rounds} rounds x {args.calls} calls (microseconds)")
-    has_name = "name" in rounds
-    header = f"  {'library':9} {'direct IP':>10} " + (f"{'by name':>9} " if has_name else "") + f"{'meshpatch':>10} {'added vs IP':>12}"
-    print(header + (f" {'added vs name':>14}" if has_name else ""))
+    calls = args.rounds * args.batch
+    print(f"latency per call, loopback, keep-alive, one process alternating batches ({calls} calls per mode; "
+          "median, microseconds)")
+    has_name = bool(hosts_file)
+    header = f"  {'library':9} {'':5} {'direct IP':>10} " + (f"{'by name':>9} " if has_name else "") + f"{'meshpatch':>10} {'added vs IP':>16}"
+    print(header + (f" {'added vs name':>16}" if has_name else ""))
     for lib in ("requests", "httpx", "grpc"):
-        med = {mode: statistics.median(r[lib]["median"] for r in rounds[mode]) for mode in rounds}
-        d, m = med["direct"], med["mesh"]
-        line = f"  {lib:9} {d:10.1f} " + (f"{med['name']:9.1f} " if has_name else "") + f"{m:10.1f} {m - d:+8.1f} ({100 * (m - d) / d:+.1f}%)"
-        if has_name:
-            n = med["name"]
-            line += f" {m - n:+8.1f} ({100 * (m - n) / n:+.1f}%)"
-        print(line)
+        for kind in ("wall", "cpu"):
+            med = result[lib][kind]
+            d, m = med["direct"], med["mesh"]
+            line = f"  {lib if kind == 'wall' else '':9} {kind:5} {d:10.1f} " + (f"{med['name']:9.1f} " if has_name else "")
+            line += f"{m:10.1f} {m - d:+8.1f} ({100 * (m - d) / d:+5.1f}%)"
+            if has_name:
+                n = med["name"]
+                line += f" {m - n:+8.1f} ({100 * (m - n) / n:+5.1f}%)"
+            print(line)
+    print("  wall: latency by the clock; cpu: the calling thread's CPU time per call (client work only).")
     if has_name:
-        print("  (by name = the same unmodified client calling the mesh hostname resolved by the system; the mesh column")
-        print("   adds meshpatch routing on top of exactly that, so 'added vs name' is meshpatch's own cost)")
+        print("  by name = the unpatched client calling the mesh hostname resolved by the system; the mesh column")
+        print("  adds meshpatch routing on top of exactly that, so 'added vs name' is meshpatch's own cost.")
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHPATCH_", "GRPC_XDS", "PYTHONPATH"))}
     with tempfile.TemporaryDirectory() as tmp:

@@ -345,10 +345,21 @@ class _Dispatch(DispatchCore):
             return target(request, **kwargs) if how == "__call__" else getattr(target, how)(request, **kwargs)
         if not retry:
             call.retries = 1 << 30
+        handle = call.handle
         while True:
-            pick, attempt_kwargs, key = self._pick(call, kwargs)
-            target = self._callable(key)
-            call.handle.on_attempt_start(pick.endpoint)
+            try:
+                pick = call.next_pick()
+            except MeshError as exc:
+                raise MeshRpcError(str(exc)) from exc
+            config = handle.config
+            key = (pick.address, pick.port) if config is None or config.tls is None else attempt_key(pick)
+            limit = call.attempt_timeout()
+            attempt_kwargs = kwargs
+            if limit is not None:
+                attempt_kwargs = dict(kwargs)
+                attempt_kwargs["timeout"] = _bounded(kwargs.get("timeout"), limit)
+            target = self._calls.get(key) or self._callable(key)
+            handle.on_attempt_start(pick.endpoint)
             error = None
             try:
                 result = target(request, **attempt_kwargs) if how == "__call__" else getattr(target, how)(request, **attempt_kwargs)

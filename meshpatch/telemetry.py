@@ -328,10 +328,18 @@ def _observe_connected(options: Any) -> Iterable[Any]:
 # -- the request path ------------------------------------------------------------------------
 
 
-def routed(call: Any, began: float, host: str = "") -> None:
-    """The router decided (``call`` None = not in the mesh: passed through)."""
+def routed(call: Any, began: float, host: str = "") -> bool:
+    """The router decided (``call`` None = not in the mesh: passed through).
+    True when a provider is set: the call then carries its telemetry state and
+    reports its attempts; otherwise (no SDK) it never calls here again."""
     if _nothing_set():
-        return
+        return False
+    if call is not None:
+        call.tel_span = None  # the client span described (current at an attempt's start)
+        call.tel_inner = -1  # last attempt whose inner client span was described
+        call.tel_open = -1  # attempt in progress (for the span processor)
+        call.tel_done = False
+        call.tel_lane = None
     tracing, metering = _providers_set()
     if metering:
         instr = _instr
@@ -347,6 +355,7 @@ def routed(call: Any, began: float, host: str = "") -> None:
             span.set_attribute("meshpatch.passthrough", True)
         elif host:
             _ATTEMPT.set(_Passthrough(host))
+    return True
 
 
 def rejected(error: Exception) -> None:

@@ -55,8 +55,9 @@ class Call:
     __slots__ = (
         "scheme", "host", "port", "method", "path", "headers", "authority", "route", "policy", "handle",
         "request_hash", "tried", "retries", "started", "deadline", "is_grpc", "_in_retry", "attempts",
-        # telemetry (meshpatch.telemetry) and lanes (meshpatch.lanes)
-        "pick", "tel_span", "tel_inner", "tel_open", "tel_done", "tel_lane",
+        # telemetry (meshpatch.telemetry) and lanes (meshpatch.lanes); ``tel``: an OTel
+        # provider was set when the call was routed (the tel_* fields exist only then)
+        "pick", "tel", "tel_span", "tel_inner", "tel_open", "tel_done", "tel_lane",
     )
 
     def __init__(self, scheme: str, host: str, port: int, method: str, path: str, headers: Any, authority: str,
@@ -79,11 +80,7 @@ class Call:
         self._in_retry = False
         self.started = time.monotonic()
         self.pick: Optional[Pick] = None
-        self.tel_span: Any = None  # the client span described (current at an attempt's start)
-        self.tel_inner = -1  # last attempt whose inner client span was described
-        self.tel_open = -1  # attempt in progress (for the span processor)
-        self.tel_done = False
-        self.tel_lane: Optional[str] = None
+        self.tel = False  # the router sets it (telemetry.routed), with the tel_* fields
         action = route.action
         timeout = action.max_stream_duration if self.is_grpc and action.max_stream_duration > 0 else action.timeout
         self.deadline = self.started + timeout if timeout > 0 else None
@@ -124,12 +121,15 @@ class Call:
             tried = self.tried = {tried}
         picker = handle.picker
         if picker.__class__ is LanePicker:
-            self.tel_lane = lane = call_lane(self.headers)
+            lane = call_lane(self.headers)
+            if self.tel:
+                self.tel_lane = lane
             endpoint = picker.pick_in_lane(lane, self.request_hash, tried)
         else:
             endpoint = picker.pick(self.request_hash, tried)
         if endpoint is None:
-            telemetry.call_ended(self, None, "no_healthy_upstream")
+            if self.tel:
+                telemetry.call_ended(self, None, "no_healthy_upstream")
             raise NoHealthyUpstream(self.host, self.port, handle.name, getattr(handle.picker, "reason", ""))
         if tried is None:
             self.tried = (endpoint.address, endpoint.port)  # a set only if a retry needs it
@@ -138,7 +138,8 @@ class Call:
         self.attempts += 1
         pick = self.pick = Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, self.authority,
                                 self.route.name, endpoint, handle)
-        telemetry.attempt_started(self)
+        if self.tel:
+            telemetry.attempt_started(self)
         return pick
 
     def attempt_done(self, outcome: Outcome) -> Optional[float]:
@@ -161,12 +162,14 @@ class Call:
     def finish(self, outcome: Optional[Outcome]) -> None:
         """The call ended after an attempt with ``outcome``, without asking
         :meth:`retry_delay` (streams, futures, errors the hook re-raises)."""
-        telemetry.attempt_ended(self, outcome)
-        telemetry.call_ended(self, outcome)
+        if self.tel:
+            telemetry.attempt_ended(self, outcome)
+            telemetry.call_ended(self, outcome)
 
     def aborted(self, status: Any) -> None:
         """A fault-filter abort answered the call before any attempt."""
-        telemetry.call_ended(self, None, f"fault_abort_{status}")
+        if self.tel:
+            telemetry.call_ended(self, None, f"fault_abort_{status}")
 
     def retriable(self, outcome: Outcome) -> bool:
         retry = self.policy.retry
@@ -200,12 +203,13 @@ class Call:
         condition, within the call's timeout, admitted by the cluster's
         max_retries budget, with fully jittered exponential backoff
         (25 ms base, 10x cap by default)."""
-        telemetry.attempt_ended(self, outcome)
         delay = self._retry_delay(outcome)
-        if delay is None:
-            telemetry.call_ended(self, outcome)
-        else:
-            telemetry.retried(self)
+        if self.tel:
+            telemetry.attempt_ended(self, outcome)
+            if delay is None:
+                telemetry.call_ended(self, outcome)
+            else:
+                telemetry.retried(self)
         return delay
 
     def _retry_delay(self, outcome: Outcome) -> Optional[float]:

@@ -210,7 +210,10 @@ class Router:
         except MeshError as exc:
             telemetry.rejected(exc)
             raise
-        telemetry.routed(call, began, host)
+        if call is None:
+            telemetry.routed(None, began, host)
+        else:
+            call.tel = telemetry.routed(call, began, host)
         return call
 
     def _start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any) -> Optional[Call]:
