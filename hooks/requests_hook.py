@@ -25,6 +25,7 @@ they were about the app's own (plain) URL, not the mesh's identities.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Optional, Tuple
 
 import time as _time
@@ -186,11 +187,12 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
     if started is None:
         return wrapped(*args, **kwargs)
     router, call, scheme, host, port, path_start = started
-    kind = call.kind
-    if kind == "direct":
-        return _local_response(request, url, call.policy.direct.status, call.policy.direct.body)
-    if kind == "redirect":
-        return _local_response(request, url, call.policy.redirect.code, b"", {"location": call.redirect_location()})
+    if call.handle is None:  # answered here: direct response or redirect
+        kind = call.kind
+        if kind == "direct":
+            return _local_response(request, url, call.policy.direct.status, call.policy.direct.body)
+        if kind == "redirect":
+            return _local_response(request, url, call.policy.redirect.code, b"", {"location": call.redirect_location()})
     try:
         return _forward(wrapped, args, kwargs, request, url, router, call, scheme, host, port, path_start)
     except MeshError as exc:  # raised before an attempt is sent (no endpoint, circuit open)
@@ -218,7 +220,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     if ops is not None:
         saved_headers = headers.copy()
         apply_header_ops(headers, ops.request_add, ops.request_remove)
-    previous_host = headers.get("Host")
+    previous_host = _host_header(headers)
     add_host = previous_host is None or policy.host_rewrite is not None
     if add_host:
         headers["Host"] = policy.host_rewrite or (host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}")
@@ -243,7 +245,8 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
                 send_kwargs = dict(kwargs)
                 send_kwargs["timeout"] = _bounded_timeout(kwargs.get("timeout"), attempt_timeout)
             address = f"[{pick.address}]" if ":" in pick.address else pick.address
-            mesh_tls = _mesh_tls(pick)
+            config = call.handle.config
+            mesh_tls = None if config is None or config.tls is None else _mesh_tls(pick)
             if mesh_tls is not None:
                 request.url = f"https://{address}:{pick.port}{tail}"
                 setattr(request, MESH_TLS_ATTR, mesh_tls)
@@ -291,6 +294,17 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     except Exception as exc:  # an adapter subclass returning something odd
         safety.internal_error("hooks.requests.response", exc)
     return response
+
+
+def _host_header(headers: Any) -> Optional[str]:
+    """The app's own Host header, if any.  requests' CaseInsensitiveDict answers a
+    miss (the usual case) by raising KeyError inside ``get``; its lower-cased
+    store answers without an exception."""
+    store = getattr(headers, "_store", None)
+    if store.__class__ is OrderedDict:
+        entry = store.get("host")
+        return entry[1] if entry is not None else None
+    return headers.get("Host")
 
 
 def _mesh_tls(pick: Any) -> Any:

@@ -151,6 +151,10 @@ class Call:
         if self._in_retry:
             self._in_retry = False
             handle.retry_finished()
+        if not self.tel and outcome.kind == OK:  # the common answer: done, nothing to report
+            status = outcome.http_status
+            if (status is not None and status < 409) or outcome.grpc_status == "OK" or self.policy.retry is None:
+                return None
         return self.retry_delay(outcome)
 
     def attempt_finished(self) -> None:
