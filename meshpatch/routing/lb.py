@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 import time
 from typing import Any, Callable, Container, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -129,6 +130,27 @@ def _alias_table(weights: Sequence[float]) -> Tuple[List[float], List[int]]:
         scaled[g] = (scaled[g] + scaled[s]) - 1.0
         (small if scaled[g] < 1.0 else large).append(g)
     return prob, alias
+
+
+def _weight_slots(weights: Sequence[float], limit: int) -> Tuple[Optional[Tuple[int, ...]], int]:
+    """Integral weights as a table with each endpoint index repeated weight/gcd
+    times, so a weighted draw is one index; (None, 0) when weights are fractional
+    or the table would exceed ``limit``.  The table carries one extra copy of its
+    last entry: ``int(random() * m)`` can round up to ``m``."""
+    if not weights or any(w != int(w) or w < 1 for w in weights):
+        return None, 0
+    divisor = 0
+    for w in weights:
+        divisor = math.gcd(divisor, int(w))
+    counts = [int(w) // divisor for w in weights]
+    total = sum(counts)
+    if total > limit:
+        return None, 0
+    table: List[int] = []
+    for index, count in enumerate(counts):
+        table.extend([index] * count)
+    table.append(table[-1])
+    return tuple(table), total
 
 
 class WeightedRoundRobin(Picker):
@@ -266,7 +288,10 @@ class WeightedLeastRequest(Picker):
     avoided.  Envoy runs an EDF schedule over ``weight / (active + 1) ** bias``
     instead, which needs a lock per pick; the preference is the same."""
 
-    __slots__ = ("_endpoints", "_states", "_weights", "_prob", "_alias", "_n", "_choices", "_bias")
+    __slots__ = ("_endpoints", "_states", "_weights", "_prob", "_alias", "_n", "_choices", "_bias", "_slots", "_m")
+
+    #: Largest weight table (entries) kept for the one-draw-per-candidate path.
+    SLOTS_MAX = 1 << 16
 
     def __init__(self, endpoints: Sequence[Endpoint], weights: Sequence[float], states: Sequence[Any],
                  choice_count: int = 2, bias: float = 1.0) -> None:
@@ -277,6 +302,7 @@ class WeightedLeastRequest(Picker):
         self._n = len(self._endpoints)
         self._choices = choice_count
         self._bias = bias
+        self._slots, self._m = _weight_slots(weights, self.SLOTS_MAX)
 
     def pick(self, request_hash: Optional[int] = None, exclude: Optional[Container] = None) -> Optional[Endpoint]:
         n = self._n
@@ -286,7 +312,13 @@ class WeightedLeastRequest(Picker):
         weights = self._weights
         bias = self._bias
         endpoints = self._endpoints
-        if not exclude and bias == 1.0 and self._choices == 2:  # the common case, inlined
+        slots = self._slots
+        if slots is not None and not exclude and bias == 1.0 and self._choices == 2:  # the common case
+            m = self._m
+            i = slots[int(_random() * m)]
+            j = slots[int(_random() * m)]
+            return endpoints[j if states[j].active * weights[i] < states[i].active * weights[j] else i]
+        if not exclude and bias == 1.0 and self._choices == 2:  # large or fractional weights
             x = _random() * n
             i = int(x)
             if i >= n:
