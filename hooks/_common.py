@@ -6,7 +6,7 @@ library's request object and :meth:`Router.pick`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
 
 from meshpatch.internal import is_suppressed
 
@@ -15,26 +15,28 @@ __all__ = ["current_agent", "is_suppressed", "PATCH_MARKER", "mark_patched", "is
 #: Attribute set on a patched class/module so a second patch() is a no-op.
 PATCH_MARKER = "_meshpatch_patched"
 
-_get_agent: Optional[Callable[[], Any]] = None
+_agent_module: Any = None  # meshpatch.agent, once loaded
 
 
 def current_agent() -> Any:
     """The process agent or None.  ``meshpatch.agent`` is imported on the first
     routed call, not when the hooked library is imported: building the agent
     pulls in grpc and the xDS protos, which an app that never calls out should
-    not pay for."""
-    get = _get_agent
-    if get is None:
-        get = _load_get_agent()
-    return get()
+    not pay for.  Once it exists the agent is read straight from its module
+    (no call into it per request)."""
+    module = _agent_module
+    if module is None:
+        module = _load_agent_module()
+    agent = module._agent
+    return agent if agent is not None else module.get_agent()
 
 
-def _load_get_agent() -> Callable[[], Any]:
-    global _get_agent
-    from meshpatch.agent import get_agent
+def _load_agent_module() -> Any:
+    global _agent_module
+    from meshpatch import agent
 
-    _get_agent = get_agent
-    return get_agent
+    _agent_module = agent
+    return agent
 
 
 def is_patched(owner: Any) -> bool:

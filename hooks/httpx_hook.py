@@ -70,6 +70,10 @@ def _start(request: Any) -> Optional[Tuple[Any, Any]]:
     return agent.router, call
 
 
+_endpoint_urls: dict = {}
+_ENDPOINT_URLS_MAX = 4096
+
+
 def _endpoint_url(url: Any, address: str, port: int, raw_path: Optional[bytes] = None, scheme: Optional[str] = None) -> Any:
     """``url`` with the endpoint's host/port (and a rewritten path / scheme).
     ``URL.copy_with`` re-parses and re-validates the whole URL (~12 us); the
@@ -77,11 +81,18 @@ def _endpoint_url(url: Any, address: str, port: int, raw_path: Optional[bytes] =
     has that layout."""
     reference = getattr(url, "_uri_reference", None)
     if raw_path is None and reference is not None and hasattr(reference, "_replace") and address.replace(".", "").isdigit():
+        key = (reference, address, port, scheme)
+        new = _endpoint_urls.get(key)
+        if new is not None:
+            return new  # URLs are immutable: the same request line to the same endpoint reuses one
         new = url.__class__.__new__(url.__class__)
         if scheme is None:
             new._uri_reference = reference._replace(host=address, port=port)
         else:
             new._uri_reference = reference._replace(host=address, port=port, scheme=scheme)
+        if len(_endpoint_urls) >= _ENDPOINT_URLS_MAX:
+            _endpoint_urls.clear()
+        _endpoint_urls[key] = new
         return new
     changes: dict = {"host": address, "port": port}
     if raw_path is not None:
@@ -153,7 +164,8 @@ class _Plan:
             call.retries = 1 << 30  # a streamed body cannot be sent twice
 
     def aim(self, request: Any, pick: Any) -> None:
-        self.mesh_tls = mesh_tls = _mesh_tls(pick)
+        config = self.call.handle.config
+        self.mesh_tls = mesh_tls = None if config is None or config.tls is None else _mesh_tls(pick)
         if mesh_tls is not None:
             request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path, "https")
             request.extensions.pop("sni_hostname", None)
@@ -333,7 +345,7 @@ def _begin(plan: Any, request: Any) -> Any:
         plan.aim(request, pick)
     except MeshError as exc:
         raise _error(request, exc) from exc
-    pick.started()
+    plan.call.handle.on_attempt_start(pick.endpoint)
     return pick
 
 
@@ -362,7 +374,7 @@ async def _async_sleep(delay: float) -> None:
 def _result(plan: Any, response: Any, error: Optional[BaseException]) -> Any:
     if error is not None:
         raise error
-    return plan.finish_response(response)
+    return response if plan.ops is None else plan.finish_response(response)
 
 
 def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:

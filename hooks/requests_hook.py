@@ -220,10 +220,23 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     if ops is not None:
         saved_headers = headers.copy()
         apply_header_ops(headers, ops.request_add, ops.request_remove)
-    previous_host = _host_header(headers)
+    # requests' CaseInsensitiveDict keeps (name, value) under the lower-cased
+    # name; going to that store directly spares a KeyError per call on the miss
+    store = getattr(headers, "_store", None)
+    if store.__class__ is not OrderedDict:
+        store = None
+    if store is not None:
+        entry = store.get("host")
+        previous_host = entry[1] if entry is not None else None
+    else:
+        previous_host = headers.get("Host")
     add_host = previous_host is None or policy.host_rewrite is not None
     if add_host:
-        headers["Host"] = policy.host_rewrite or (host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}")
+        value = policy.host_rewrite or (host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}")
+        if store is not None:
+            store["host"] = ("Host", value)
+        else:
+            headers["Host"] = value
     tail = (call.rewritten_path() if policy.prefix_rewrite is not None or policy.regex_rewrite is not None
             else None) or url[path_start:]
     tls_host = (policy.host_rewrite or host) if scheme == "https" else None
@@ -281,7 +294,12 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
         if saved_headers is not None:
             request.headers = saved_headers
         elif add_host:
-            if previous_host is None:
+            if store is not None:
+                if previous_host is None:
+                    store.pop("host", None)
+                else:
+                    store["host"] = entry
+            elif previous_host is None:
                 del headers["Host"]
             else:
                 headers["Host"] = previous_host
@@ -294,17 +312,6 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     except Exception as exc:  # an adapter subclass returning something odd
         safety.internal_error("hooks.requests.response", exc)
     return response
-
-
-def _host_header(headers: Any) -> Optional[str]:
-    """The app's own Host header, if any.  requests' CaseInsensitiveDict answers a
-    miss (the usual case) by raising KeyError inside ``get``; its lower-cased
-    store answers without an exception."""
-    store = getattr(headers, "_store", None)
-    if store.__class__ is OrderedDict:
-        entry = store.get("host")
-        return entry[1] if entry is not None else None
-    return headers.get("Host")
 
 
 def _mesh_tls(pick: Any) -> Any:

@@ -208,6 +208,9 @@ def outbound_http(headers: Any) -> None:
     unless the app set a lane header itself.  One ContextVar read when no lane."""
     lane = _LANE.get()
     if lane is None:
+        read = _CURRENT_CONTEXT
+        if read is not None and not read():
+            return  # the usual case: OTel's context is empty, so there is no baggage
         lane = _baggage_lane()
         if lane is None:
             return
@@ -226,6 +229,9 @@ def outbound_grpc(metadata: Any) -> Any:
     the app set the lane header itself."""
     lane = _LANE.get()
     if lane is None:
+        read = _CURRENT_CONTEXT
+        if read is not None and not read():
+            return metadata  # OTel's context is empty: no baggage
         lane = _baggage_lane()
         if lane is None:
             return metadata

@@ -332,7 +332,9 @@ def routed(call: Any, began: float, host: str = "") -> bool:
     """The router decided (``call`` None = not in the mesh: passed through).
     True when a provider is set: the call then carries its telemetry state and
     reports its attempts; otherwise (no SDK) it never calls here again."""
-    if _nothing_set():
+    if not _tracing and not _metering and (  # _nothing_set(), inlined: once per request
+            (_FAST and _otel_trace._TRACER_PROVIDER is None and _metrics_internal._METER_PROVIDER is None)
+            or not _AVAILABLE):
         return False
     if call is not None:
         call.tel_span = None  # the client span described (current at an attempt's start)

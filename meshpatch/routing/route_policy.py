@@ -90,6 +90,10 @@ class HeaderOps:
         return bool(self.request_add or self.request_remove or self.response_add or self.response_remove)
 
     def then(self, other: "HeaderOps") -> "HeaderOps":
+        if not other:
+            return self
+        if not self:
+            return other
         return HeaderOps(
             self.request_add + other.request_add,
             self.request_remove + other.request_remove,

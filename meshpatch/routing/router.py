@@ -203,70 +203,83 @@ class Router:
         return call.next_pick()
 
     def start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Call]:
-        """Match the call's route; None = not in the mesh (make the original call)."""
+        """Match the call's route; None = not in the mesh (make the original call).
+
+        One function on purpose: it runs once per request between network
+        round trips that evict it from the CPU caches, so every extra frame
+        and code object it touches costs far more there than in a loop."""
         began = perf_counter()
+        if port is None:
+            port = DEFAULT_PORTS.get(scheme, 80)
         try:
-            call = self._start(scheme, host, port, method, path, headers)
+            target = self._targets.get((host, port))
+            if target is None:
+                target = self._create(host, port)
+            snapshot = target.snapshot
+            if snapshot is None:
+                if not self._await(target):
+                    if self.fail_closed and presumed_mesh(host.lower(), self._namespace, self._cluster_domain):
+                        raise MeshUnavailable(host.lower(), port, self._why_unavailable())
+                    return self._passthrough(began, host)
+                snapshot = target.snapshot
+            if snapshot is NOT_FOUND or snapshot is None:
+                return self._passthrough(began, host)
+            match_path = path.split("?", 1)[0] if "?" in path else path
+            table = snapshot.table
+            candidates = table._cache.get(match_path)
+            if candidates is None:
+                candidates = table.candidates(match_path)
+            lookup = None
+            query = None
+            for route in candidates:
+                if route.headers:
+                    if lookup is None:
+                        lookup = _RequestHeaders(headers, scheme, method, match_path, target.authority)
+                    if scheme == "grpc":
+                        if not all(m.matches_grpc(lookup.get(m.name)) for m in route.headers):
+                            continue
+                    elif not all(m.matches(lookup.get(m.name)) for m in route.headers):
+                        continue
+                if route.query:
+                    if scheme == "grpc":
+                        continue  # gRPC (A28): routes with query matchers never match
+                    if query is None:
+                        query = _query_params(path)
+                    if not all(q.matches(query.get(q.name, ())) for q in route.query):
+                        continue
+                if route.fraction is not None and random.random() >= route.fraction:
+                    continue
+                chooser = route.chooser
+                if chooser is None:
+                    if route.action.kind in ("redirect", "direct") and scheme != "grpc":
+                        call = Call(scheme, host, port, method, path, headers, target.authority, route.route, None, None)
+                        call.tel = telemetry.routed(call, began, host)
+                        return call
+                    raise NoRouteMatched(host, port, path)  # non-forwarding (server) route, or redirect for gRPC
+                handle = chooser.single or chooser.choose()
+                # circuit breakers (ClusterHandle.admit_request, inlined for the common "under the limits")
+                active = handle.in_flight
+                breakers = handle._breakers
+                if active >= breakers.max_requests or (scheme != "grpc" and active >= breakers.max_connections + breakers.max_pending_requests):
+                    refused = handle.admit_request(multiplexed=scheme == "grpc")
+                    if refused is not None:
+                        raise CircuitBreakerOpen(handle.name, refused)
+                request_hash = None
+                if route.hash_policies:
+                    request_hash = _request_hash(route.hash_policies, headers, scheme, method, path, target.authority,
+                                                 self.source_ip)
+                call = Call(scheme, host, port, method, path, headers, target.authority, route.route, handle, request_hash)
+                call.tel = telemetry.routed(call, began, host)
+                return call
+            raise NoRouteMatched(host, port, path)
         except MeshError as exc:
             telemetry.rejected(exc)
             raise
-        if call is None:
-            telemetry.routed(None, began, host)
-        else:
-            call.tel = telemetry.routed(call, began, host)
-        return call
 
-    def _start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any) -> Optional[Call]:
-        if port is None:
-            port = DEFAULT_PORTS.get(scheme, 80)
-        target = self._targets.get((host, port))
-        if target is None:
-            target = self._create(host, port)
-        snapshot = target.snapshot
-        if snapshot is None:
-            if not self._await(target):
-                if self.fail_closed and presumed_mesh(host.lower(), self._namespace, self._cluster_domain):
-                    raise MeshUnavailable(host.lower(), port, self._why_unavailable())
-                return None
-            snapshot = target.snapshot
-        if snapshot is NOT_FOUND or snapshot is None:
-            return None
-        match_path = path.split("?", 1)[0] if "?" in path else path
-        lookup = None
-        query = None
-        for route in snapshot.table.candidates(match_path):
-            if route.headers:
-                if lookup is None:
-                    lookup = _RequestHeaders(headers, scheme, method, match_path, target.authority)
-                if scheme == "grpc":
-                    if not all(m.matches_grpc(lookup.get(m.name)) for m in route.headers):
-                        continue
-                elif not all(m.matches(lookup.get(m.name)) for m in route.headers):
-                    continue
-            if route.query:
-                if scheme == "grpc":
-                    continue  # gRPC (A28): routes with query matchers never match
-                if query is None:
-                    query = _query_params(path)
-                if not all(q.matches(query.get(q.name, ())) for q in route.query):
-                    continue
-            if route.fraction is not None and random.random() >= route.fraction:
-                continue
-            chooser = route.chooser
-            if chooser is None:
-                if route.action.kind in ("redirect", "direct") and scheme != "grpc":
-                    return Call(scheme, host, port, method, path, headers, target.authority, route.route, None, None)
-                raise NoRouteMatched(host, port, path)  # non-forwarding (server) route, or redirect for gRPC
-            handle = chooser.choose()
-            refused = handle.admit_request(multiplexed=scheme == "grpc")
-            if refused is not None:
-                raise CircuitBreakerOpen(handle.name, refused)
-            request_hash = None
-            if route.hash_policies:
-                request_hash = _request_hash(route.hash_policies, headers, scheme, method, path, target.authority,
-                                             self.source_ip)
-            return Call(scheme, host, port, method, path, headers, target.authority, route.route, handle, request_hash)
-        raise NoRouteMatched(host, port, path)
+    @staticmethod
+    def _passthrough(began: float, host: str) -> None:
+        telemetry.routed(None, began, host)
+        return None
 
     def prefetch(self, host: str, port: Optional[int], scheme: str = "http") -> None:
         """Start resolving a host without waiting (gRPC channel creation)."""
