@@ -4,15 +4,16 @@ without comparing two processes.
 Runs under ``meshpatch-run``.  For each library it alternates short batches of
 calls in one process, one interpreter, one server:
 
-* ``direct``: the IP URL with the library *unpatched* (the wrapt wrappers
-  swapped back to the original functions for the batch; for gRPC a channel
-  made by the original ``insecure_channel``), i.e. no meshpatch code at all;
+* ``direct``: the IP URL through an *unpatched* adapter / transport (a
+  subclass holding the original methods; for gRPC a channel made by the
+  original ``insecure_channel``), i.e. no meshpatch code at all;
 * ``name``: the mesh hostname, unpatched, resolved by the system (a private
   /etc/hosts; only when the runner set one up): what the app pays without
   meshpatch for calling by name;
 * ``mesh``: the mesh hostname, patched, routed by meshpatch.
 
-Alternating batches cancel the drift that dominates cross-process comparisons
+requests runs with ``trust_env = False`` in every mode (see main()).
+Alternating batches (in alternating order) cancel the drift that dominates cross-process comparisons
 on a shared 2-core machine.  Prints one JSON line: per library and mode the
 median of all per-call samples (microseconds), wall clock and the calling
 thread's CPU time.
@@ -27,7 +28,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import grpc
 import httpx
@@ -38,30 +39,30 @@ CLOCK = time.perf_counter
 
 
 def _original(owner: Any, name: str) -> Any:
-    return getattr(owner.__dict__[name], "__wrapped__", owner.__dict__[name])
+    wrapper = owner.__dict__[name]
+    original = getattr(wrapper, "__wrapped__", None)
+    if original is None:
+        raise SystemExit(f"{owner.__name__}.{name} is not patched: run under meshpatch-run")
+    return original
 
 
-class Unpatched:
-    """Swap the wrapt wrappers of requests and httpx back for a batch."""
-
-    def __init__(self) -> None:
-        self.slots = []
-        for owner, name in ((adapters.HTTPAdapter, "send"),
-                            (adapters.HTTPAdapter, "build_connection_pool_key_attributes"),
-                            (httpx.HTTPTransport, "handle_request")):
-            wrapper = owner.__dict__[name]
-            original = _original(owner, name)
-            if original is wrapper:
-                raise SystemExit(f"{owner.__name__}.{name} is not patched: run under meshpatch-run")
-            self.slots.append((owner, name, wrapper, original))
-
-    def __enter__(self) -> None:
-        for owner, name, _wrapper, original in self.slots:
-            setattr(owner, name, original)
-
-    def __exit__(self, *exc: object) -> None:
-        for owner, name, wrapper, _original in self.slots:
-            setattr(owner, name, wrapper)
+def unpatched_clients() -> Tuple[Any, Any]:
+    """A requests Session and an httpx Client whose adapter / transport are
+    subclasses restoring the original, unwrapped methods: calls through them run
+    no meshpatch code, and nothing is swapped at run time (swapping class
+    attributes would invalidate the interpreter's attribute caches and bias
+    whichever mode runs next)."""
+    direct_adapter = type("DirectAdapter", (adapters.HTTPAdapter,), {
+        "send": _original(adapters.HTTPAdapter, "send"),
+        "build_connection_pool_key_attributes": _original(adapters.HTTPAdapter, "build_connection_pool_key_attributes"),
+    })
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("http://", direct_adapter())
+    transport = type("DirectTransport", (httpx.HTTPTransport,), {
+        "handle_request": _original(httpx.HTTPTransport, "handle_request"),
+    })
+    return session, httpx.Client(transport=transport())
 
 
 def batch(call: Callable[[], None], n: int, wall: List[float], cpu: List[float]) -> None:
@@ -82,11 +83,15 @@ def main() -> None:
     mesh_url, mesh_target = sys.argv[5], sys.argv[6]
     rounds, size = int(sys.argv[7]), int(sys.argv[8])
     with_name = len(sys.argv) > 9 and sys.argv[9] == "with-name"
-    unpatched = Unpatched()
     modes = ["direct", "mesh"] + (["name"] if with_name else [])
     urls = {"direct": f"http://{ip}:{http_port}/r", "name": f"http://{name}:{http_port}/r", "mesh": mesh_url}
-    session = requests.Session()
-    client = httpx.Client()
+    # trust_env off: no proxy/netrc/CA-bundle lookups from the environment per
+    # call, file-system work that swings by tens of microseconds on a shared
+    # machine and has nothing to do with routing (same in every mode).
+    mesh_session = requests.Session()
+    mesh_session.trust_env = False
+    direct_session, direct_client = unpatched_clients()
+    mesh_client = httpx.Client()
     original_channel = getattr(grpc.insecure_channel, "__wrapped__", grpc.insecure_channel)
     channels = {"direct": original_channel(f"{ip}:{grpc_port}"), "name": original_channel(f"{name}:{grpc_port}"),
                 "mesh": grpc.insecure_channel(mesh_target)}
@@ -105,8 +110,8 @@ def main() -> None:
         return call
 
     calls: Dict[str, Dict[str, Callable[[], None]]] = {
-        "requests": {m: http_call(session.get, urls[m]) for m in modes},
-        "httpx": {m: http_call(client.get, urls[m]) for m in modes},
+        "requests": {m: http_call((mesh_session if m == "mesh" else direct_session).get, urls[m]) for m in modes},
+        "httpx": {m: http_call((mesh_client if m == "mesh" else direct_client).get, urls[m]) for m in modes},
         "grpc": {m: grpc_call(unaries[m]) for m in modes},
     }
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
@@ -114,18 +119,10 @@ def main() -> None:
         wall: Dict[str, List[float]] = {m: [] for m in modes}
         cpu: Dict[str, List[float]] = {m: [] for m in modes}
         for mode in modes:  # warm-up: connections, pools, the first (waiting) mesh call
-            if mode == "mesh":
-                batch(by_mode[mode], 200, [], [])
-            else:
-                with unpatched:
-                    batch(by_mode[mode], 200, [], [])
-        for _ in range(rounds):
-            for mode in modes:
-                if mode == "mesh":
-                    batch(by_mode[mode], size, wall[mode], cpu[mode])
-                else:
-                    with unpatched:
-                        batch(by_mode[mode], size, wall[mode], cpu[mode])
+            batch(by_mode[mode], 200, [], [])
+        for index in range(rounds):
+            for mode in (modes if index % 2 == 0 else modes[::-1]):  # no mode always runs first
+                batch(by_mode[mode], size, wall[mode], cpu[mode])
         out[lib] = {"wall": {m: statistics.median(s) for m, s in wall.items()},
                     "cpu": {m: statistics.median(s) for m, s in cpu.items()}}
     print(json.dumps(out))
