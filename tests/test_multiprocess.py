@@ -233,9 +233,7 @@ def test_uvicorn_workers(pods: None, tmp_path: Path) -> None:
     print("uvicorn:", results)
 
 
-# fork is intermittent in CI (a forked follower occasionally reports failed calls
-# while the weights flip): a known open bug, kept runnable with -m slow.
-@pytest.mark.parametrize("method", [pytest.param("fork", marks=pytest.mark.slow), "spawn"])
+@pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_multiprocessing(pods: None, tmp_path: Path, method: str) -> None:
     """The parent calls the mesh first (it holds the stream), then starts workers.
     With fork, the holder ends its stream for the instant of each fork burst (a

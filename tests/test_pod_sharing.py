@@ -292,3 +292,46 @@ def test_relay_speaks_sotw_like_a_control_plane(cp: ControlPlane, pod: Pod) -> N
     wait(lambda: relay.streams_active == 0)
     # the follower that asked for ratings is gone: the leader drops it upstream too
     wait(lambda: leader.client.resource_status(LDS, ratings) is None)
+
+
+def test_relay_sends_one_response_per_change(tmp_path: Path) -> None:
+    """One upstream update that changes several resources a follower watches is
+    one relay response, not one per changed resource.  The extra, identical
+    responses were not harmless: a follower that changed its subscription in the
+    meantime (a route now pointing at a new cluster) took such a stale CDS answer
+    for the answer to its new request and declared the new cluster missing
+    ("no healthy upstream" for a moment: test_multiprocessing[fork] during a
+    weight flip)."""
+    from tests.support.controlplane import AdsClient, decode
+
+    ads = ScriptedAds().start()
+    rds_name = "outbound|80||echo"
+    db = {
+        LDS: {"echo:80": res.listener("echo:80", rds_name)},
+        RDS: {rds_name: res.route_config(rds_name, [("vh", ["echo:80"], [res.route("/", cluster="c1")])])},
+        CDS: {"c1": res.cluster("c1"), "c2": res.cluster("c2")},
+        EDS: {"c1": res.cla("c1", [("127.0.0.2", 8080)])},
+    }
+    ads.serve(db)
+    boot = Bootstrap([XdsServer(ads.address, "insecure", {}, [])],
+                     {"id": "sidecar~127.0.0.1~p.default~default.svc.cluster.local", "metadata": {"NAMESPACE": "default"}},
+                     {}, None, "test")
+    leader = Agent(Settings({"MESHPATCH_RESOLVE_TIMEOUT": "5", "MESHPATCH_RUNTIME_DIR": str(tmp_path / "run")}), boot)
+    try:
+        assert leader.router.pick("http", "echo", 80, "GET", "/").address == "127.0.0.2"  # type: ignore[union-attr]
+        relay = leader.client.transport.relay
+        with AdsClient("unix:" + relay.socket_path) as follower:
+            follower.send(CDS, ["c1", "c2"])
+            first = follower.recv()
+            assert set(decode(first)) == {"c1", "c2"}
+            follower.ack(first)
+            assert follower.no_response(0.3)
+            least = res.cluster_pb2.Cluster.LEAST_REQUEST
+            ads.respond(CDS, [res.cluster("c1", lb=least), res.cluster("c2", lb=least)], "v2")
+            update = follower.recv()
+            assert update.version_info == "v2" and set(decode(update)) == {"c1", "c2"}
+            assert follower.no_response(0.5), "the same CDS answer was sent twice"
+            assert relay.responses_sent == 2
+    finally:
+        leader.stop()
+        ads.stop()

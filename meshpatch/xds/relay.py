@@ -8,7 +8,8 @@ relay behaves like a control plane whose config is the leader's cache:
   so a name nobody in the pod asked for before is subscribed upstream on demand
   (and unsubscribed when the last follower using it goes);
 * it answers the first request of a type, a changed name set, and every change
-  of a watched resource; ACKs get no answer (as istiod does);
+  of a watched resource the stream was not sent yet (a repeat of the previous
+  answer is never pushed); ACKs get no answer (as istiod does);
 * it forwards accepted resources byte for byte (the last *good* version of
   each: a resource the leader NACKed stays at its previous version for
   followers too), so followers decode and validate them like the leader did;
@@ -74,6 +75,8 @@ class _Stream:
         self.names: Dict[str, Set[str]] = {t: set() for t in TYPE_ORDER}
         self.seen_type: Set[str] = set()
         self.owed: Set[str] = set()  # types with a request or change not yet answered
+        self.asked: Set[str] = set()  # of those, the types a request waits on (answered even if unchanged)
+        self.sent: Dict[str, Tuple[str, Tuple[Tuple[str, bytes], ...]]] = {}  # type -> last answer's content
         self.nonce: Dict[str, str] = {}
         # True while this stream's own subscription change runs (under the client
         # lock): a cached value delivered by watch() then is already owed an answer.
@@ -203,8 +206,10 @@ class RelayServer:
             self._resubscribe(stream, type_url, old, names)
             stream.names[type_url] = names
             stream.owed.add(type_url)
+            stream.asked.add(type_url)
         elif first:
             stream.owed.add(type_url)
+            stream.asked.add(type_url)
 
     def _resubscribe(self, stream: _Stream, type_url: str, old: Set[str], new: Set[str]) -> None:
         client = self.client
@@ -252,6 +257,7 @@ class RelayServer:
         names = stream.names[type_url]
         if not names:
             stream.owed.discard(type_url)
+            stream.asked.discard(type_url)
             return None
         with self.client.lock:
             resources, pending, version = self.client.cached(type_url, sorted(names))
@@ -260,6 +266,17 @@ class RelayServer:
         if not resources and type_url not in COMPLETE_TYPES:
             return None
         stream.owed.discard(type_url)
+        # A change event can arrive after an answer that already carried the
+        # change (it was queued while that answer was being made, or one upstream
+        # response changed several watched names).  Sending the same answer again
+        # is not harmless: the follower takes the next response of a type for the
+        # answer to its latest request of it, so a stale LDS/CDS repeat crossing a
+        # subscription change reads as "the newly asked names do not exist".
+        content = (version, tuple((r.type_url, r.value) for r in resources))
+        if type_url not in stream.asked and stream.sent.get(type_url) == content:
+            return None
+        stream.asked.discard(type_url)
+        stream.sent[type_url] = content
         nonce = f"relay-{next(self._nonces)}"
         stream.nonce[type_url] = nonce
         self.responses_sent += 1
