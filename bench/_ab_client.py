@@ -24,6 +24,7 @@ Usage: meshpatch-run python bench/_ab_client.py IP NAME HTTP_PORT GRPC_PORT
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
@@ -78,6 +79,12 @@ def batch(call: Callable[[], None], n: int, wall: List[float], cpu: List[float])
         wall.append((clock() - start) * 1e6)
 
 
+#: Clients per mode, used in turn: one session / client / channel per mode would
+#: let the accidents of one object's memory layout and its server thread pass
+#: for a difference between modes (two identical modes differ by ~5 % that way).
+CLIENTS = 3
+
+
 def main() -> None:
     ip, name, http_port, grpc_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     mesh_url, mesh_target = sys.argv[5], sys.argv[6]
@@ -85,18 +92,30 @@ def main() -> None:
     with_name = len(sys.argv) > 9 and sys.argv[9] == "with-name"
     modes = ["direct", "mesh"] + (["name"] if with_name else [])
     urls = {"direct": f"http://{ip}:{http_port}/r", "name": f"http://{name}:{http_port}/r", "mesh": mesh_url}
-    # trust_env off: no proxy/netrc/CA-bundle lookups from the environment per
-    # call, file-system work that swings by tens of microseconds on a shared
-    # machine and has nothing to do with routing (same in every mode).
-    mesh_session = requests.Session()
-    mesh_session.trust_env = False
-    direct_session, direct_client = unpatched_clients()
-    mesh_client = httpx.Client()
+    targets = {"direct": f"{ip}:{grpc_port}", "name": f"{name}:{grpc_port}", "mesh": mesh_target}
     original_channel = getattr(grpc.insecure_channel, "__wrapped__", grpc.insecure_channel)
-    channels = {"direct": original_channel(f"{ip}:{grpc_port}"), "name": original_channel(f"{name}:{grpc_port}"),
-                "mesh": grpc.insecure_channel(mesh_target)}
-    unaries = {mode: channels[mode].unary_unary("/bench.Echo/Call", request_serializer=None,
-                                                 response_deserializer=None) for mode in modes}
+
+    def clients(mode: str) -> Tuple[List[Any], List[Any], List[Any]]:
+        sessions, http_clients, unaries = [], [], []
+        for _ in range(CLIENTS):
+            if mode == "mesh":
+                session, client = requests.Session(), httpx.Client()
+                channel = grpc.insecure_channel(targets[mode])
+            else:
+                session, client = unpatched_clients()
+                channel = original_channel(targets[mode])
+            # trust_env off: no proxy/netrc/CA-bundle lookups from the environment
+            # per call, file-system work that swings by tens of microseconds on a
+            # shared machine and has nothing to do with routing (same in every mode).
+            session.trust_env = False
+            sessions.append(session)
+            http_clients.append(client)
+            unaries.append(channel.unary_unary("/bench.Echo/Call", request_serializer=None, response_deserializer=None))
+        return sessions, http_clients, unaries
+
+    def in_turn(calls: List[Callable[[], None]]) -> Callable[[], None]:
+        turn = itertools.cycle(calls)
+        return lambda: next(turn)()
 
     def http_call(get: Callable[..., Any], url: str) -> Callable[[], None]:
         def call() -> None:
@@ -109,11 +128,12 @@ def main() -> None:
             assert unary(b"ping", timeout=5)
         return call
 
-    calls: Dict[str, Dict[str, Callable[[], None]]] = {
-        "requests": {m: http_call((mesh_session if m == "mesh" else direct_session).get, urls[m]) for m in modes},
-        "httpx": {m: http_call((mesh_client if m == "mesh" else direct_client).get, urls[m]) for m in modes},
-        "grpc": {m: grpc_call(unaries[m]) for m in modes},
-    }
+    calls: Dict[str, Dict[str, Callable[[], None]]] = {"requests": {}, "httpx": {}, "grpc": {}}
+    for mode in modes:
+        sessions, http_clients, unaries = clients(mode)
+        calls["requests"][mode] = in_turn([http_call(s.get, urls[mode]) for s in sessions])
+        calls["httpx"][mode] = in_turn([http_call(c.get, urls[mode]) for c in http_clients])
+        calls["grpc"][mode] = in_turn([grpc_call(u) for u in unaries])
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
     for lib, by_mode in calls.items():
         wall: Dict[str, List[float]] = {m: [] for m in modes}
