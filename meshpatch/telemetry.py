@@ -75,6 +75,10 @@ _ATTR_CACHE_MAX = 10_000
 _metrics_internal = getattr(_otel_metrics, "_internal", None) if _AVAILABLE else None
 _FAST = (_AVAILABLE and hasattr(_otel_trace, "_TRACER_PROVIDER")
          and hasattr(_metrics_internal, "_METER_PROVIDER"))
+#: For the router, which checks it inline once per request (no call into this
+#: module without an SDK): the two modules whose provider globals stay None
+#: while no SDK is set, or None when the API's layout is not the known one.
+IDLE_PROBE = (_otel_trace, _metrics_internal) if _FAST else None
 
 
 def _nothing_set() -> bool:

@@ -27,6 +27,7 @@ from meshpatch.routing.call import Call
 from meshpatch.routing.target import NOT_FOUND, ClusterManager, HostTarget
 
 log = logging.getLogger("meshpatch.routing")
+_IDLE_PROBE = telemetry.IDLE_PROBE
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "grpc": 443, "grpcs": 443}
 MAX_TARGETS = 10_000  # distinct host:port pairs tracked before new ones pass through untouched
@@ -269,7 +270,9 @@ class Router:
                     request_hash = _request_hash(route.hash_policies, headers, scheme, method, path, target.authority,
                                                  self.source_ip)
                 call = Call(scheme, host, port, method, path, headers, target.authority, route.route, handle, request_hash)
-                call.tel = telemetry.routed(call, began, host)
+                probe = _IDLE_PROBE
+                if probe is None or probe[0]._TRACER_PROVIDER is not None or probe[1]._METER_PROVIDER is not None:
+                    call.tel = telemetry.routed(call, began, host)  # an SDK is (or may be) set
                 return call
             raise NoRouteMatched(host, port, path)
         except MeshError as exc:
@@ -278,7 +281,9 @@ class Router:
 
     @staticmethod
     def _passthrough(began: float, host: str) -> None:
-        telemetry.routed(None, began, host)
+        probe = _IDLE_PROBE
+        if probe is None or probe[0]._TRACER_PROVIDER is not None or probe[1]._METER_PROVIDER is not None:
+            telemetry.routed(None, began, host)
         return None
 
     def prefetch(self, host: str, port: Optional[int], scheme: str = "http") -> None:

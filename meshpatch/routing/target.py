@@ -112,10 +112,15 @@ class ClusterHandle:
                 if state is not None:
                     if state.active > 0:
                         state.active -= 1
-                    if tracker is not None and outcome is not None:
-                        changed = tracker.on_result(state, outcome, self.states, now)
-                    if outcome is not None and _connectivity(state, outcome, now):
-                        changed = True
+                    if outcome is not None:
+                        kind = outcome.kind
+                        if tracker is not None:
+                            if kind == OK and tracker.config.connect_failures_only:
+                                state.consecutive_local = 0  # OutlierTracker.on_result's answer, inlined
+                            else:
+                                changed = tracker.on_result(state, outcome, self.states, now)
+                        if (kind == CONNECT_FAILURE or state.down_until) and _connectivity(state, outcome, now):
+                            changed = True
             if tracker is not None and now >= tracker.next_tick:
                 if tracker.tick(self.states, now) or changed:
                     self._rebuild_locked(now)
