@@ -302,7 +302,10 @@ class _Dispatch(DispatchCore):
                 kwargs["metadata"] = with_lane
         except Exception as exc:
             safety.internal_error("hooks.grpc.lane", exc)
-        call = self._channel._start(self._method, kwargs.get("metadata"))
+        try:
+            call = self._channel._start_call(self._method, kwargs.get("metadata"))
+        except MeshError as exc:
+            raise MeshRpcError(str(exc)) from exc
         if call is None:
             return None
         if call.policy.fault is not None:
@@ -371,7 +374,7 @@ class _Dispatch(DispatchCore):
                 call.attempt_finished()
                 call.finish(outcome)
                 raise
-            delay = call.attempt_done(outcome_of(error))
+            delay = call.attempt_done(_GRPC_OK if error is None else outcome_of(error))
             if delay is None:
                 if error is not None:
                     raise error
@@ -410,7 +413,7 @@ class _Blocking(_Dispatch):
     _RETRY = True
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._blocking("__call__", request, _call_kwargs(args, kwargs), retry=self._RETRY)
+        return self._blocking("__call__", request, _call_kwargs(args, kwargs) if args else dict(kwargs), self._RETRY)
 
     def with_call(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         return self._blocking("with_call", request, _call_kwargs(args, kwargs), retry=self._RETRY)

@@ -29,8 +29,9 @@ from typing import Any, Optional, Tuple
 
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
-from meshpatch.routing.outcome import OK, Outcome
+from meshpatch.routing.outcome import _HTTP_ANSWERS as _ANSWERS, OK, Outcome, http_answer
 
+from . import _common
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 
 _SCHEMES = ("http", "https")
@@ -60,9 +61,12 @@ def _start(request: Any) -> Optional[Tuple[Any, Any]]:
     host = url.host
     if not host or host.startswith("["):
         return None
-    agent = current_agent()
+    module = _common._agent_module
+    agent = module._agent if module is not None else None  # current_agent(), without a frame per request
     if agent is None:
-        return None
+        agent = current_agent()
+        if agent is None:
+            return None
     path = url.raw_path.decode("ascii")
     call = agent.router.start(scheme, host, url.port, request.method, path, request.headers)
     if call is None:
@@ -351,7 +355,11 @@ def _begin(plan: Any, request: Any) -> Any:
 
 def _end(plan: Any, pick: Any, response: Any, error: Optional[BaseException]) -> Optional[float]:
     """One attempt ended: report it; the delay before a retry, or None when done."""
-    outcome = _outcome_from_error(error) if error is not None else Outcome(OK, response.status_code)
+    if error is not None:
+        outcome = _outcome_from_error(error)
+    else:
+        status = response.status_code
+        outcome = _ANSWERS.get(status) or http_answer(status)
     return plan.call.attempt_done(outcome)
 
 

@@ -33,8 +33,9 @@ import time as _time
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
 from meshpatch.routing.call import apply_header_ops
-from meshpatch.routing.outcome import OK, Outcome
+from meshpatch.routing.outcome import _HTTP_ANSWERS as _ANSWERS, OK, Outcome, http_answer
 
+from . import _common
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 
 #: Attribute carried by a PreparedRequest only while it is being sent to an
@@ -114,9 +115,12 @@ def _start(request: Any, url: str) -> Optional[Tuple[Any, Any, str, str, Optiona
     scheme, host, port, path_start = parts
     if scheme == "https" and not _TLS_SUPPORTED:
         return None
-    agent = current_agent()
+    module = _common._agent_module
+    agent = module._agent if module is not None else None  # current_agent(), without a frame per request
     if agent is None:
-        return None
+        agent = current_agent()
+        if agent is None:
+            return None
     path = url[path_start:] or "/"
     fragment = path.find("#")
     if fragment >= 0:
@@ -275,7 +279,8 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             response = error = None
             try:
                 response = wrapped(request, *attempt_args, **attempt_kwargs)
-                outcome = Outcome(OK, response.status_code)
+                status = response.status_code
+                outcome = _ANSWERS.get(status) or http_answer(status)
             except BaseException as exc:  # classified, reported, then re-raised below
                 error = exc
                 outcome = _outcome_from_error(exc)

@@ -85,3 +85,15 @@ class Outcome:
 
 
 SUCCESS = Outcome(OK, 200)
+
+
+_HTTP_ANSWERS: dict = {}
+
+
+def http_answer(status: int) -> Outcome:
+    """The Outcome of an attempt answered with HTTP ``status``, one shared object
+    per status (outcomes are never mutated): no allocation on the request path."""
+    outcome = _HTTP_ANSWERS.get(status)
+    if outcome is None:
+        outcome = _HTTP_ANSWERS[status] = Outcome(OK, status)
+    return outcome
