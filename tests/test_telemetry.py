@@ -122,6 +122,7 @@ APP = textwrap.dedent("""
 
     H = "http://svc"
     results = []
+    errors = []  # why a call failed, for the assertion message
     session = requests.Session()
     client = httpx.Client()
     channel = grpc.insecure_channel("svc:7070")
@@ -140,8 +141,9 @@ APP = textwrap.dedent("""
                 results.append([kind, arg, "OK", reply["server"]])
         except Exception as exc:
             results.append([kind, arg, type(exc).__name__, None])
+            errors.append([kind, arg, str(exc)[:400]])
 
-    out = {"results": results}
+    out = {"results": results, "errors": errors}
     if MODE != "nosdk":
         spans = []
         for s in exporter.get_finished_spans():
@@ -203,7 +205,8 @@ def _client_spans(result: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def _check_results(result: Dict[str, Any], passthrough: str = "") -> None:
     by_call = [(k, a, status) for k, a, status, _ in result["results"]]
-    assert [s for k, a, s in by_call if a.endswith("/ok") or a.endswith("/retry")] == [200] * 8, result["results"]
+    assert [s for k, a, s in by_call if a.endswith("/ok") or a.endswith("/retry")] == [200] * 8, \
+        (result["results"], result.get("errors"))
     assert [s for k, a, s in by_call if a.endswith("/fail")] == [503]
     assert [s for k, a, s in by_call if a.endswith("/empty")] == ["ConnectionError"]
     assert [s for k, a, s in by_call if k == "grpc"] == ["OK", "OK", "OK"]

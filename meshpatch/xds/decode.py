@@ -115,7 +115,13 @@ def decode_listener(any_msg: any_pb2.Any) -> Tuple[str, ListenerConfig]:
             raise ResourceError(name, "rds.route_config_name is empty")
         return name, ListenerConfig(name, hcm.rds.route_config_name, None, filters)
     if which == "route_config":
-        routes = _route_config(hcm.route_config, hcm.route_config.name or name)
+        try:
+            routes = _route_config(hcm.route_config, hcm.route_config.name or name)
+        except ResourceError as exc:
+            # The error belongs to this listener: under the inline config's own
+            # name it would NACK (and drop from this response) whichever
+            # listener happens to carry that name, and leave this one unnamed.
+            raise ResourceError(name, f"inline route_config {hcm.route_config.name!r}: {exc.reason}") from None
         return name, ListenerConfig(name, None, routes, filters)
     raise ResourceError(name, f"HttpConnectionManager route specifier {which!r} not supported (need rds or route_config)")
 

@@ -150,12 +150,10 @@ def resource(draw: Any, type_url: str, depth: int = 3, reserved: Optional[set] =
     content), sometimes another type, random bytes, or a Resource wrapper."""
     kind = draw(st.integers(0, 9))
     if kind == 0:
-        return draw(any_message(depth))
+        # Any message, often a resource type: it must keep off reserved names too.
+        return protect(draw(any_message(depth)), reserved)
     msg = draw(message(RESOURCE_CLASSES[type_url], depth))
-    if reserved:
-        for attr in ("name", "cluster_name"):
-            if hasattr(msg, attr) and getattr(msg, attr) in reserved:
-                setattr(msg, attr, getattr(msg, attr) + "-fuzz")
+    _rename(msg, reserved)
     packed = any_pb2.Any()
     packed.Pack(msg)
     if kind == 1:
@@ -164,6 +162,36 @@ def resource(draw: Any, type_url: str, depth: int = 3, reserved: Optional[set] =
         packed = any_pb2.Any()
         packed.Pack(wrapper)
     return packed
+
+
+def _rename(msg: Message, reserved: Optional[set]) -> None:
+    if reserved:
+        for attr in ("name", "cluster_name"):
+            if hasattr(msg, attr) and getattr(msg, attr) in reserved:
+                setattr(msg, attr, getattr(msg, attr) + "-fuzz")
+
+
+def protect(packed: any_pb2.Any, reserved: Optional[set]) -> any_pb2.Any:
+    """``packed`` with a reserved resource name renamed, whatever resource type it
+    holds.  A hostile resource must never carry the name of a resource of the
+    good config: if it also happened to be valid it would be a legitimate
+    replacement (a RouteConfiguration holding just that name is one: no virtual
+    hosts, nothing routes), and the client would rightly apply it."""
+    cls = RESOURCE_CLASSES.get(packed.type_url)
+    if not reserved or cls is None:
+        return packed
+    msg = cls()
+    try:
+        if not packed.Unpack(msg):
+            return packed
+    except Exception:  # random bytes under a resource type: undecodable, so never valid
+        return packed
+    if not any(getattr(msg, attr, None) in reserved for attr in ("name", "cluster_name")):
+        return packed
+    _rename(msg, reserved)
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
 
 
 def _submessages(msg: Message) -> List[Message]:
@@ -245,10 +273,7 @@ def hostile_resource(draw: Any, type_url: str, reserved: Optional[set] = None) -
         msg = draw(mutated(seeds["cluster"]))
     else:
         msg = draw(mutated(seeds["cla"]))
-    if reserved:
-        for attr in ("name", "cluster_name"):
-            if hasattr(msg, attr) and getattr(msg, attr) in reserved:
-                setattr(msg, attr, getattr(msg, attr) + "-fuzz")
+    _rename(msg, reserved)
     packed = any_pb2.Any()
     packed.Pack(msg)
     return packed
