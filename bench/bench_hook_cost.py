@@ -96,6 +96,7 @@ def requests_case() -> tuple:
 
     from meshpatch.hooks import requests_hook
 
+    requests_hook.patch(requests)  # as under meshpatch-run
     response = requests.Response()
     response.status_code = 200
 
@@ -121,6 +122,7 @@ def httpx_case() -> tuple:
 
     from meshpatch.hooks import httpx_hook
 
+    httpx_hook.patch(httpx)  # as under meshpatch-run (the hook reads what this httpx looks like)
     response = httpx.Response(200)
     transport = httpx.HTTPTransport()
 

@@ -40,8 +40,14 @@ _SCHEMES = ("http", "https")
 def patch(module: Any) -> str:
     import wrapt
 
-    global _BYTE_STREAM
+    global _BYTE_STREAM, _PARSED_FIELDS
     _BYTE_STREAM = getattr(module, "ByteStream", None)
+    try:  # this httpx keeps its parsed URL as a tuple of these fields (read directly per request)
+        probe = module.URL("http://probe.example:8080/p?q=1")._uri_reference
+        _PARSED_FIELDS = (probe.scheme, probe.host, probe.port, probe.path, probe.query) == (
+            "http", "probe.example", 8080, "/p", "q=1")
+    except Exception:
+        _PARSED_FIELDS = False
     sync_transport = module.HTTPTransport
     async_transport = module.AsyncHTTPTransport
     if is_patched(sync_transport):
@@ -53,12 +59,24 @@ def patch(module: Any) -> str:
     return f"httpx {getattr(module, '__version__', '?')}: HTTPTransport and AsyncHTTPTransport routed"
 
 
-def _start(request: Any) -> Optional[Tuple[Any, Any]]:
+def _start(request: Any) -> Optional[Tuple[Any, Any, str, str]]:
     url = request.url
-    scheme = url.scheme
+    reference = getattr(url, "_uri_reference", None) if _PARSED_FIELDS else None
+    if reference is not None:  # the parsed fields URL's properties read, without a frame each
+        scheme = reference.scheme
+        host = reference.host
+        if host.startswith("xn--"):
+            host = url.host  # IDNA: the property decodes it
+        port = reference.port
+        query = reference.query
+        path = (reference.path or "/") if query is None else f"{reference.path or '/'}?{query}"
+    else:
+        scheme = url.scheme
+        host = url.host
+        port = url.port
+        path = ""
     if scheme not in _SCHEMES:
         return None
-    host = url.host
     if not host or host.startswith("["):
         return None
     module = _common._agent_module
@@ -67,11 +85,12 @@ def _start(request: Any) -> Optional[Tuple[Any, Any]]:
         agent = current_agent()
         if agent is None:
             return None
-    path = url.raw_path.decode("ascii")
-    call = agent.router.start(scheme, host, url.port, request.method, path, request.headers)
+    if reference is None:
+        path = url.raw_path.decode("ascii")
+    call = agent.router.start(scheme, host, port, request.method, path, request.headers)
     if call is None:
         return None
-    return agent.router, call
+    return agent.router, call, scheme, host
 
 
 _endpoint_urls: dict = {}
@@ -140,7 +159,7 @@ class _Plan:
 
     __slots__ = ("call", "url", "raw_path", "tls_host", "saved_headers", "saved_extensions", "ops", "mesh_tls", "fault")
 
-    def __init__(self, request: Any, router: Any, call: Any) -> None:
+    def __init__(self, request: Any, router: Any, call: Any, scheme: str, host: str) -> None:
         from meshpatch.routing.call import apply_header_ops
 
         self.call = call
@@ -149,7 +168,7 @@ class _Plan:
         rewritten = call.rewritten_path() if policy.prefix_rewrite is not None or policy.regex_rewrite is not None else None
         self.raw_path = rewritten.encode("ascii") if rewritten is not None else None
         host_rewrite = policy.host_rewrite
-        self.tls_host = (host_rewrite or self.url.host) if self.url.scheme == "https" else None
+        self.tls_host = (host_rewrite or host) if scheme == "https" else None
         self.saved_extensions = dict(request.extensions)
         self.saved_headers = None
         self.mesh_tls: Any = None
@@ -271,6 +290,7 @@ def _replayable(request: Any) -> bool:
 
 
 _BYTE_STREAM: Any = None  # httpx.ByteStream, once patched (the usual, replayable body)
+_PARSED_FIELDS = False  # URL._uri_reference has the fields _start reads (checked when patched)
 
 
 def _local_answer(request: Any, call: Any) -> Optional[Any]:
@@ -326,12 +346,12 @@ def _prepare(request: Any, site: str) -> Any:
         started = _start(request)
         if started is None:
             return None
-        router, call = started
+        router, call, scheme, host = started
         if call.handle is None:  # redirect / direct response
             local = _local_answer(request, call)
             if local is not None:
                 return local
-        plan = _Plan(request, router, call)
+        plan = _Plan(request, router, call, scheme, host)
         if call.policy.fault is not None:
             plan.fault = call.fault()
         return plan
