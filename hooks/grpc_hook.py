@@ -356,7 +356,7 @@ class _Dispatch(DispatchCore):
                 raise MeshRpcError(str(exc)) from exc
             config = handle.config
             key = (pick.address, pick.port) if config is None or config.tls is None else attempt_key(pick)
-            limit = call.attempt_timeout()
+            limit = call.attempt_timeout() if call.timed else None
             attempt_kwargs = kwargs
             if limit is not None:
                 attempt_kwargs = dict(kwargs)

@@ -29,6 +29,7 @@ from typing import Any, Optional, Tuple
 
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
+from meshpatch.routing.call import NO_HEADER_OPS, apply_header_ops
 from meshpatch.routing.outcome import _HTTP_ANSWERS as _ANSWERS, OK, Outcome, http_answer
 
 from . import _common
@@ -160,8 +161,6 @@ class _Plan:
     __slots__ = ("call", "url", "raw_path", "tls_host", "saved_headers", "saved_extensions", "ops", "mesh_tls", "fault")
 
     def __init__(self, request: Any, router: Any, call: Any, scheme: str, host: str) -> None:
-        from meshpatch.routing.call import apply_header_ops
-
         self.call = call
         self.url = request.url
         policy = call.policy
@@ -172,7 +171,7 @@ class _Plan:
         self.saved_extensions = dict(request.extensions)
         self.saved_headers = None
         self.mesh_tls: Any = None
-        self.ops = call.header_ops()
+        self.ops = call.header_ops() if policy.cluster_header_ops or policy.header_ops is not NO_HEADER_OPS else None
         self.fault = None
         if self.ops is not None or host_rewrite:
             self.saved_headers = request.headers.copy()
@@ -196,7 +195,7 @@ class _Plan:
             request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path)
             if self.tls_host is not None:
                 request.extensions["sni_hostname"] = self.tls_host
-        timeout = self.call.attempt_timeout()
+        timeout = self.call.attempt_timeout() if self.call.timed else None
         if timeout is not None:
             current = dict(request.extensions.get("timeout") or {})
             for key in ("connect", "read", "write", "pool"):
@@ -213,8 +212,6 @@ class _Plan:
     def finish_response(self, response: Any) -> Any:
         ops = self.ops
         if ops is not None and (ops.response_add or ops.response_remove):
-            from meshpatch.routing.call import apply_header_ops
-
             try:
                 apply_header_ops(response.headers, ops.response_add, ops.response_remove)
             except Exception as exc:

@@ -32,7 +32,7 @@ import time as _time
 
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
-from meshpatch.routing.call import apply_header_ops
+from meshpatch.routing.call import NO_HEADER_OPS, apply_header_ops
 from meshpatch.routing.outcome import _HTTP_ANSWERS as _ANSWERS, OK, Outcome, http_answer
 
 from . import _common
@@ -220,7 +220,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             fault.done()
     headers = request.headers
     saved_headers = None
-    ops = call.header_ops()
+    ops = call.header_ops() if policy.cluster_header_ops or policy.header_ops is not NO_HEADER_OPS else None
     if ops is not None:
         saved_headers = headers.copy()
         apply_header_ops(headers, ops.request_add, ops.request_remove)
@@ -257,7 +257,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     try:
         while True:
             pick = call.next_pick()
-            attempt_timeout = call.attempt_timeout()
+            attempt_timeout = call.attempt_timeout() if call.timed else None
             if attempt_timeout is not None:
                 send_kwargs = dict(kwargs)
                 send_kwargs["timeout"] = _bounded_timeout(kwargs.get("timeout"), attempt_timeout)
