@@ -297,9 +297,11 @@ class _Dispatch(DispatchCore):
         ``kwargs`` is this call's own dict: the lane goes into its metadata."""
         metadata = kwargs.get("metadata")
         try:
-            with_lane = lanes.outbound_grpc(metadata)
-            if with_lane is not metadata:
-                kwargs["metadata"] = with_lane
+            read = lanes.context_reader
+            if read is None or read() or lanes.lane_of_context() is not None:  # else: no lane to add
+                with_lane = lanes.outbound_grpc(metadata)
+                if with_lane is not metadata:
+                    kwargs["metadata"] = with_lane
         except Exception as exc:
             safety.internal_error("hooks.grpc.lane", exc)
         try:

@@ -339,7 +339,9 @@ def _prepare(request: Any, site: str) -> Any:
     """The shared prologue: None = not in the mesh (send as is), a response = the
     mesh answered locally (direct response / redirect), else the call's _Plan."""
     try:
-        lanes.outbound_http(request.headers)
+        read = lanes.context_reader
+        if read is None or read() or lanes.lane_of_context() is not None:  # else: no lane, nothing to add
+            lanes.outbound_http(request.headers)
         started = _start(request)
         if started is None:
             return None

@@ -178,7 +178,9 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
     try:
-        lanes.outbound_http(request.headers)
+        read = lanes.context_reader
+        if read is None or read() or lanes.lane_of_context() is not None:  # else: no lane, nothing to add
+            lanes.outbound_http(request.headers)
         url = request.url
         started = _start(request, url)
     except MeshError as exc:

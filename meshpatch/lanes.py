@@ -69,7 +69,7 @@ def current_lane() -> Optional[str]:
 
 
 def _baggage_lane() -> Optional[str]:
-    read = _CURRENT_CONTEXT or _context_reader()
+    read = context_reader or _context_reader()
     if read is None:
         return None
     try:
@@ -85,20 +85,23 @@ def _baggage_lane() -> Optional[str]:
 
 
 _OTEL_CONTEXT: Any = False  # False = not looked up yet, None = not installed
-_CURRENT_CONTEXT: Any = None  # reads OTel's current Context; set once OTel is imported
+context_reader: Any = None  # reads OTel's current Context; set once OTel is imported
+#: The lane of this context (the hooks read it inline, together with
+#: ``context_reader``, to skip the outbound_* call when there can be no lane).
+lane_of_context = _LANE.get
 
 
 def _context_reader() -> Any:
     """How to read OTel's current Context on every outbound call: the API's
     ContextVar's own ``get`` when its runtime context has the usual layout (one C
     call), else the public ``get_current``."""
-    global _CURRENT_CONTEXT
+    global context_reader
     otel_context = _otel_context()
     if otel_context is None:
         return None
     var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
-    _CURRENT_CONTEXT = var.get if callable(getattr(var, "get", None)) else otel_context.get_current
-    return _CURRENT_CONTEXT
+    context_reader = var.get if callable(getattr(var, "get", None)) else otel_context.get_current
+    return context_reader
 
 
 def _otel_context() -> Any:
@@ -208,7 +211,7 @@ def outbound_http(headers: Any) -> None:
     unless the app set a lane header itself.  One ContextVar read when no lane."""
     lane = _LANE.get()
     if lane is None:
-        read = _CURRENT_CONTEXT
+        read = context_reader
         if read is not None and not read():
             return  # the usual case: OTel's context is empty, so there is no baggage
         lane = _baggage_lane()
@@ -229,7 +232,7 @@ def outbound_grpc(metadata: Any) -> Any:
     the app set the lane header itself."""
     lane = _LANE.get()
     if lane is None:
-        read = _CURRENT_CONTEXT
+        read = context_reader
         if read is not None and not read():
             return metadata  # OTel's context is empty: no baggage
         lane = _baggage_lane()
