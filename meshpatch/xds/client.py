@@ -13,6 +13,18 @@ with its nonce; a NACK carries the last accepted version and an error_detail
 naming each bad resource, while the valid resources of that response are used;
 LDS/CDS absence means deletion; the cache survives reconnects and every
 subscription is re-sent on a new stream.
+
+Absence of a name the client never received is different (gRPC's xds_client
+never takes it from a response either): a SotW response cannot say which
+request it answers, and a config push built for the *previous* name set can
+cross a request adding a name, so "not in this response" may only mean "not
+yet seen by the server".  It is conclusive in two cases: the first response of
+a type on a stream, for the names of the stream's initial request (nothing of
+that type was sent before the server read it); and a response whose ACK the
+server then leaves unanswered for ``absence_settle`` seconds.  The ACK carries
+every subscribed name, and a server answers a request whose names differ from
+the ones it built its last response for (a crossing push is followed by the
+answer to the new names); silence means the response did cover them.
 """
 
 from __future__ import annotations
@@ -44,6 +56,13 @@ DOES_NOT_EXIST = "DOES_NOT_EXIST"
 
 TYPE_ORDER = (LDS, RDS, CDS, EDS)
 
+# How long the server must leave the ACK of a response unanswered before a
+# never-received LDS/CDS name missing from it counts as not existing (see the
+# module docstring).  A server answers a changed name set in one round trip;
+# this only delays the negative answer for a host the control plane does not
+# know (its first call waits at most MESHPATCH_RESOLVE_TIMEOUT, default 1 s).
+ABSENCE_SETTLE = 0.25
+
 
 class Watcher(Protocol):
     def on_resource(self, type_url: str, name: str, value: Any) -> None: ...
@@ -54,7 +73,7 @@ class Watcher(Protocol):
 
 
 class _Resource:
-    __slots__ = ("watchers", "value", "raw", "status", "version", "error")
+    __slots__ = ("watchers", "value", "raw", "status", "version", "error", "seen")
 
     def __init__(self) -> None:
         self.watchers: List[Watcher] = []
@@ -63,23 +82,29 @@ class _Resource:
         self.status = REQUESTED
         self.version = ""
         self.error = ""
+        # Named in a response (valid or not) since this subscription began: the
+        # server's name set then held it, and it only grows while we keep the
+        # subscription, so a later LDS/CDS response without it is a deletion.
+        self.seen = False
 
 
 class _TypeState:
-    __slots__ = ("resources", "version", "nonce", "first_sent", "server_names", "acks", "nacks", "last_error",
-                 "accepted_at")
+    __slots__ = ("resources", "version", "nonce", "initial", "doubted", "doubt_gen", "doubt_timer",
+                 "acks", "nacks", "last_error", "accepted_at")
 
     def __init__(self) -> None:
         self.resources: Dict[str, _Resource] = {}
         self.version = ""  # last accepted version_info
         self.nonce = ""  # last nonce seen on the current stream
-        # Names of the first request sent carrying ``nonce``: the request the
-        # next response answers (servers ignore later requests with a stale
-        # nonce, and answer the first one).  See _on_response.
-        self.first_sent: Optional[frozenset] = None
-        # The names the server last answered for: a later request carrying the
-        # same set is a plain ACK, which servers (istiod, ours) do not answer.
-        self.server_names: Optional[frozenset] = None
+        # Names of this stream's initial request of the type while it is
+        # unanswered: the first response answers exactly it (see _send).
+        self.initial: Optional[frozenset] = None
+        # Never-received names missing from the latest response, and the number
+        # of that response: they are declared non-existent if the server leaves
+        # its ACK unanswered (see _on_response / _confirm_absent).
+        self.doubted: List[str] = []
+        self.doubt_gen = 0
+        self.doubt_timer: Any = None
         self.acks = 0
         self.nacks = 0
         self.last_error = ""
@@ -120,6 +145,7 @@ class XdsClient:
         self._transport_factory = transport_factory
         self.transport = self._new_transport()
         self.updates = 0
+        self.absence_settle = ABSENCE_SETTLE  # seconds; tests shorten or lengthen it
         self._unreachable = False  # a stream attempt failed and none succeeded since (logging)
 
     def _new_transport(self) -> Any:
@@ -154,6 +180,9 @@ class XdsClient:
 
     def stop(self) -> None:
         self.transport.stop()
+        with self.lock:
+            for state in self._types.values():
+                self._drop_doubts(state)
 
     @property
     def connected(self) -> bool:
@@ -194,15 +223,16 @@ class XdsClient:
                 del state.resources[name]
                 self._send(type_url)
 
-    def _send(self, type_url: str, error: str = "") -> None:
+    def _send(self, type_url: str, error: str = "") -> bool:
+        """Send the type's current subscription; False when it did not go out."""
         state = self._types[type_url]
-        if not state.nonce and state.first_sent is not None:
+        if not state.nonce and state.initial is not None:
             # The initial request of this type is still unanswered.  Servers
             # answer every empty-nonce request (istiod treats it as a new
-            # watch), so a second one would make responses impossible to
-            # attribute; the ACK of the coming response carries the full name
-            # set instead.
-            return
+            # watch), so a second one would make the first response impossible
+            # to attribute; the ACK of that response carries the full name set
+            # instead.
+            return False
         request = discovery_pb2.DiscoveryRequest(
             type_url=type_url,
             resource_names=sorted(state.resources),
@@ -214,13 +244,12 @@ class XdsClient:
             request.error_detail.message = error[:4096]
         if not self._node_sent:
             request.node.CopyFrom(self._node)
-        if self.transport.send(request):
-            self._node_sent = True
-            names = frozenset(state.resources)
-            if state.first_sent is None and names != state.server_names:
-                # The first request with this nonce that the server will answer:
-                # a plain ACK (same names) is not; a changed subscription is.
-                state.first_sent = names
+        if not self.transport.send(request):
+            return False
+        self._node_sent = True
+        if not state.nonce:
+            state.initial = frozenset(state.resources)
+        return True
 
     # -- transport callbacks (stream thread) -------------------------------
 
@@ -230,12 +259,16 @@ class XdsClient:
             for type_url in TYPE_ORDER:
                 state = self._types[type_url]
                 state.nonce = ""
-                state.first_sent = None
-                state.server_names = None
+                state.initial = None
+                self._drop_doubts(state)
                 if state.resources:
                     self._send(type_url)
 
     def _on_stream_end(self, error: str, had_response: bool) -> None:
+        with self.lock:
+            # Silence of a dead stream says nothing about what the server knows.
+            for state in self._types.values():
+                self._drop_doubts(state)
         # One line per state change, not per reconnect attempt: the first failed
         # attempt says the server is unreachable, the next response that it is back.
         if had_response:
@@ -257,19 +290,19 @@ class XdsClient:
             if state is None:
                 log.info("ignoring xDS response of unrequested type %s", response.type_url)
                 return
-            # Which names did the server know when it built this response?  Those
-            # of the request it answers.  A name subscribed after that request
-            # may be missing only because the response was already under way.
-            answered = state.first_sent if state.first_sent is not None else (state.server_names or frozenset())
-            state.server_names = answered
+            # The first response of the type on this stream answers the initial
+            # request: its names are the only never-received ones it can settle.
+            conclusive = state.initial if not state.nonce else None
+            state.initial = None
             state.nonce = response.nonce
-            state.first_sent = None
+            self._drop_doubts(state)
             raw: Dict[str, Any] = {}
             valid, errors = decode_response(response.type_url, list(response.resources), raw)
             for name, value in valid.items():
                 resource = state.resources.get(name)
                 if resource is None:
                     continue  # not requested: ignored, as gRPC does
+                resource.seen = True
                 resource.raw = raw.get(name)
                 resource.status = ACKED
                 resource.version = response.version_info
@@ -283,21 +316,22 @@ class XdsClient:
                 bad_names.add(err.name)
                 resource = state.resources.get(err.name)
                 if resource is not None:
+                    resource.seen = True
                     resource.status = NACKED
                     resource.error = err.reason
                     for watcher in list(resource.watchers):
                         self._notify(watcher.on_error, response.type_url, err.name, err.reason)
+            doubted: List[str] = []
             if response.type_url in STATE_OF_THE_WORLD_FULL:
                 for name, resource in list(state.resources.items()):
                     if name in valid or name in bad_names or resource.status == DOES_NOT_EXIST:
                         continue
-                    if resource.value is None and name not in answered:
-                        continue  # never received and not yet seen by the server: keep waiting
-                    resource.value = None
-                    resource.raw = None
-                    resource.status = DOES_NOT_EXIST
-                    for watcher in list(resource.watchers):
-                        self._notify(watcher.on_does_not_exist, response.type_url, name)
+                    if not resource.seen and (conclusive is None or name not in conclusive):
+                        # Perhaps built before the server saw this name (a push
+                        # crossing our request): settled by the server's next move.
+                        doubted.append(name)
+                        continue
+                    self._mark_absent(state, response.type_url, name, resource)
             self.updates += 1
             kind = SHORT_NAMES.get(response.type_url, response.type_url)
             if errors:
@@ -306,12 +340,53 @@ class XdsClient:
                 state.last_error = detail
                 log.warning("meshpatch NACKed %s version %s: %s (last good config stays in force)",
                             kind, response.version_info, detail)
+                # No settle timer: servers take no subscription change from a
+                # NACK (istiod ignores its names), so their silence proves nothing.
+                state.doubted = doubted
                 self._send(response.type_url, error=detail)
             else:
                 state.acks += 1
                 state.accepted_at = time.time()
                 state.version = response.version_info
-                self._send(response.type_url)
+                state.doubted = doubted
+                if self._send(response.type_url) and doubted:
+                    self._arm_doubts(response.type_url, state)
+
+    def _mark_absent(self, state: _TypeState, type_url: str, name: str, resource: _Resource) -> None:
+        resource.value = None
+        resource.raw = None
+        resource.status = DOES_NOT_EXIST
+        for watcher in list(resource.watchers):
+            self._notify(watcher.on_does_not_exist, type_url, name)
+
+    # -- does-not-exist for names never received -----------------------------
+
+    def _drop_doubts(self, state: _TypeState) -> None:
+        state.doubted = []
+        state.doubt_gen += 1
+        timer, state.doubt_timer = state.doubt_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _arm_doubts(self, type_url: str, state: _TypeState) -> None:
+        timer = threading.Timer(self.absence_settle, self._confirm_absent, (type_url, state.doubt_gen))
+        timer.daemon = True
+        timer.name = "meshpatch-xds-absence"
+        state.doubt_timer = timer
+        timer.start()
+
+    def _confirm_absent(self, type_url: str, gen: int) -> None:
+        """The server left our ACK (naming every subscription) unanswered: the
+        response it acknowledges was built for our names, so what it lacks is absent."""
+        with self.lock:
+            state = self._types[type_url]
+            if state.doubt_gen != gen:
+                return  # a newer response (or stream) took over
+            doubted, state.doubted, state.doubt_timer = state.doubted, [], None
+            for name in doubted:
+                resource = state.resources.get(name)
+                if resource is not None and not resource.seen and resource.status == REQUESTED:
+                    self._mark_absent(state, type_url, name, resource)
 
     @staticmethod
     def _notify(callback: Callable[..., None], *args: Any) -> None:
