@@ -234,3 +234,40 @@ def test_route_move_with_a_crossing_cds_push_never_fails_calls(ads: ScriptedAds)
         pytest.fail(f"a crossing CDS push failed calls: {exc}")
     finally:
         client.stop()
+
+
+def _acked_lds(ads: ScriptedAds, nonce: str) -> Any:
+    return ads.wait_request(LDS, lambda r: r.response_nonce == nonce and not r.HasField("error_detail"))
+
+
+def test_listener_absence_settles_fast_and_a_wrong_one_heals(ads: ScriptedAds) -> None:
+    """LDS: a never-received listener missing from a response is absent after the
+    short LDS settle (first calls to hosts outside the mesh stay fast), well
+    before the CDS settle; if that response was a crossing push after all, the
+    server's answer to the ACK brings the listener and the watcher gets it."""
+    client = _client(ads, settle=5.0)  # the CDS settle; LDS uses the short one
+    recorder = _Recorder()
+    client.start()
+    try:
+        with client.lock:
+            client.watch(LDS, "echo:7070", recorder)
+        ads.wait_request(LDS, lambda r: list(r.resource_names) == ["echo:7070"])
+        n1 = ads.respond(LDS, [res.listener("echo:7070", RDS_NAME)], "1")
+        _acked_lds(ads, n1)
+        with client.lock:
+            client.watch(LDS, "other:80", recorder)
+        ads.wait_request(LDS, lambda r: "other:80" in r.resource_names)
+        n2 = ads.respond(LDS, [res.listener("echo:7070", RDS_NAME)], "2")  # a push crossing the request
+        _acked_lds(ads, n2)
+        acked = time.monotonic()
+        while client.resource_status(LDS, "other:80") != DOES_NOT_EXIST and time.monotonic() - acked < 2:
+            time.sleep(0.005)
+        assert client.resource_status(LDS, "other:80") == DOES_NOT_EXIST
+        assert time.monotonic() - acked < 1.0  # the LDS settle, not the 5 s CDS one
+        n3 = ads.respond(LDS, [res.listener("echo:7070", RDS_NAME), res.listener("other:80", RDS_NAME)], "3")
+        _acked_lds(ads, n3)
+        assert client.resource_status(LDS, "other:80") == ACKED
+        assert ("resource", "other:80") in recorder.events
+        assert client.resource_status(LDS, "echo:7070") == ACKED
+    finally:
+        client.stop()

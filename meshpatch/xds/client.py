@@ -62,6 +62,11 @@ TYPE_ORDER = (LDS, RDS, CDS, EDS)
 # this only delays the negative answer for a host the control plane does not
 # know (its first call waits at most MESHPATCH_RESOLVE_TIMEOUT, default 1 s).
 ABSENCE_SETTLE = 0.25
+# LDS settles faster: every first call to a host outside the mesh (an external
+# API) waits for this negative answer, and a wrong one is benign there -- that
+# call goes out unrouted and the host is routed once the server's answer to the
+# ACK brings its listener -- whereas a wrong CDS absence fails calls.
+LDS_ABSENCE_SETTLE = 0.05
 
 
 class Watcher(Protocol):
@@ -369,7 +374,8 @@ class XdsClient:
             timer.cancel()
 
     def _arm_doubts(self, type_url: str, state: _TypeState) -> None:
-        timer = threading.Timer(self.absence_settle, self._confirm_absent, (type_url, state.doubt_gen))
+        settle = min(self.absence_settle, LDS_ABSENCE_SETTLE) if type_url == LDS else self.absence_settle
+        timer = threading.Timer(settle, self._confirm_absent, (type_url, state.doubt_gen))
         timer.daemon = True
         timer.name = "meshpatch-xds-absence"
         state.doubt_timer = timer
