@@ -89,6 +89,16 @@ def _acked(ads: ScriptedAds, nonce: str, after: int = 0) -> Any:
     return ads.wait_request(CDS, lambda r: r.response_nonce == nonce and not r.HasField("error_detail"), after=after)
 
 
+def _v1_acked(client: XdsClient, ads: ScriptedAds, recorder: "_Recorder") -> str:
+    """Subscribe CDS [v1], answer it, wait for the ACK; the response's nonce."""
+    with client.lock:
+        client.watch(CDS, V1, recorder)
+    ads.wait_request(CDS, lambda r: list(r.resource_names) == [V1])
+    nonce = ads.respond(CDS, [res.cluster(V1)], "1")
+    _acked(ads, nonce)
+    return nonce
+
+
 def test_push_crossing_a_subscription_change_is_not_a_deletion(ads: ScriptedAds) -> None:
     """The client subscribes CDS [v1], then moves to [v2]; a push the server
     built for [v1] arrives after the [v2] request.  v2 is not declared absent;
@@ -97,11 +107,7 @@ def test_push_crossing_a_subscription_change_is_not_a_deletion(ads: ScriptedAds)
     recorder = _Recorder()
     client.start()
     try:
-        with client.lock:
-            client.watch(CDS, V1, recorder)
-        ads.wait_request(CDS, lambda r: list(r.resource_names) == [V1])
-        n1 = ads.respond(CDS, [res.cluster(V1)], "1")
-        _acked(ads, n1)
+        n1 = _v1_acked(client, ads, recorder)
         count = len(ads.streams[-1].requests)
         with client.lock:  # a route moves to v2: the new cluster is watched, then the old one released
             client.watch(CDS, V2, recorder)
@@ -129,11 +135,7 @@ def test_name_missing_after_a_crossing_push_is_absent_once_the_ack_stays_unanswe
     recorder = _Recorder()
     client.start()
     try:
-        with client.lock:
-            client.watch(CDS, V1, recorder)
-        ads.wait_request(CDS, lambda r: list(r.resource_names) == [V1])
-        n1 = ads.respond(CDS, [res.cluster(V1)], "1")
-        _acked(ads, n1)
+        n1 = _v1_acked(client, ads, recorder)
         with client.lock:
             client.watch(CDS, V2, recorder)
         ads.wait_request(CDS, lambda r: V2 in r.resource_names)
