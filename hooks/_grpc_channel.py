@@ -44,6 +44,21 @@ class RoutedChannelCore:
     implement ``_closed_error()``."""
 
     _SITE = "hooks.grpc"
+    #: kind ("unary_unary", ...) → the module's multicallable class (set by each hook module)
+    _MULTICALLABLES: Dict[str, Any] = {}
+
+    # grpc.Channel / grpc.aio.Channel multicallable factories: one per-RPC router each
+    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return self._MULTICALLABLES["unary_unary"](self, "unary_unary", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return self._MULTICALLABLES["unary_stream"](self, "unary_stream", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return self._MULTICALLABLES["stream_unary"](self, "stream_unary", method, (request_serializer, response_deserializer) + args, kwargs)
+
+    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return self._MULTICALLABLES["stream_stream"](self, "stream_stream", method, (request_serializer, response_deserializer) + args, kwargs)
 
     def _init_core(self, passthrough: Any, mesh: MeshTarget, options: Any, factory: Callable[..., Any], tls: bool) -> None:
         self._passthrough = passthrough

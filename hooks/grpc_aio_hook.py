@@ -148,18 +148,6 @@ class MeshAioChannel(RoutedChannelCore, grpc.aio.Channel):
     async def channel_ready(self) -> None:
         await self._connectivity_channel().channel_ready()
 
-    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return _UnaryUnary(self, "unary_unary", method, (request_serializer, response_deserializer) + args, kwargs)
-
-    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return _UnaryStream(self, "unary_stream", method, (request_serializer, response_deserializer) + args, kwargs)
-
-    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return _StreamUnary(self, "stream_unary", method, (request_serializer, response_deserializer) + args, kwargs)
-
-    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return _StreamStream(self, "stream_stream", method, (request_serializer, response_deserializer) + args, kwargs)
-
 
 class _Dispatch(DispatchCore):
     __slots__ = ()
@@ -360,6 +348,10 @@ class _StreamUnary(_Dispatch, grpc.aio.StreamUnaryMultiCallable):
 
 class _StreamStream(_Dispatch, grpc.aio.StreamStreamMultiCallable):
     __slots__ = ()
+
+
+MeshAioChannel._MULTICALLABLES = {"unary_unary": _UnaryUnary, "unary_stream": _UnaryStream,
+                                  "stream_unary": _StreamUnary, "stream_stream": _StreamStream}
 
 
 class FailedAioCall:

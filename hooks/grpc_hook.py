@@ -171,18 +171,6 @@ class MeshChannel(RoutedChannelCore, grpc.Channel):
         if channel is not None:
             channel.unsubscribe(callback)
 
-    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return _UnaryUnary(self, "unary_unary", method, (request_serializer, response_deserializer) + args, kwargs)
-
-    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return _UnaryStream(self, "unary_stream", method, (request_serializer, response_deserializer) + args, kwargs)
-
-    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return _StreamUnary(self, "stream_unary", method, (request_serializer, response_deserializer) + args, kwargs)
-
-    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return _StreamStream(self, "stream_stream", method, (request_serializer, response_deserializer) + args, kwargs)
-
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -454,6 +442,10 @@ class _StreamUnary(_Blocking, grpc.StreamUnaryMultiCallable):
 
 class _StreamStream(_Streaming, grpc.StreamStreamMultiCallable):
     __slots__ = ()
+
+
+MeshChannel._MULTICALLABLES = {"unary_unary": _UnaryUnary, "unary_stream": _UnaryStream,
+                               "stream_unary": _StreamUnary, "stream_stream": _StreamStream}
 
 
 # -- the UNAVAILABLE error for MeshError ----------------------------------------
