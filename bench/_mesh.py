@@ -17,7 +17,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-HOST = "reviews.default.svc.cluster.local"
+sys.path.insert(0, str(ROOT))
+
+from tests.support.mesh_yaml import REVIEWS as HOST, reviews_entry, reviews_split  # noqa: E402, F401 (re-exported)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -84,37 +86,7 @@ def free_port() -> int:
 
 def mesh_yaml(endpoints: Sequence[Tuple[str, int, str]], v1_weight: int = 100) -> str:
     """``reviews`` with endpoints (address, port, version) and a v1/v2 split."""
-    eps = "\n".join(f"  - {{address: {a}, labels: {{version: {v}}}, ports: {{http: {p}}}}}" for a, p, v in endpoints)
-    return f"""apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [{HOST}]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  endpoints:
-{eps}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: default}}
-spec:
-  host: {HOST}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [{HOST}]
-  http:
-  - route:
-    - {{destination: {{host: {HOST}, subset: v1}}, weight: {v1_weight}}}
-    - {{destination: {{host: {HOST}, subset: v2}}, weight: {100 - v1_weight}}}
-"""
+    return reviews_split(endpoints, v1_weight, host=HOST)
 
 
 class ControlPlaneProcess:

@@ -20,19 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _mesh import BIN, HOST, ROOT, ControlPlaneProcess, Pod, app_env, free_port
-
-YAML = """apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [{host}]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  endpoints:
-{endpoints}
-"""
+from _mesh import BIN, HOST, ROOT, ControlPlaneProcess, Pod, app_env, free_port, reviews_entry
 
 
 def main() -> None:
@@ -42,10 +30,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
     pods = [Pod(name, address) for name, address in (("a", "127.0.0.2"), ("b", "127.0.0.3"), ("c", "127.0.0.4"))]
-    endpoints = "\n".join(f"  - {{address: {p.address}, ports: {{http: {p.port}}}}}" for p in pods)
     with tempfile.TemporaryDirectory() as tmp:
         cp = ControlPlaneProcess(Path(tmp), free_port())
-        cp.write(YAML.format(host=HOST, endpoints=endpoints))
+        cp.write(reviews_entry([(p.address, p.port, None) for p in pods], host=HOST))
         cp.start()
         client = subprocess.Popen(
             [str(BIN / "meshpatch-run"), str(BIN / "python"), str(ROOT / "bench" / "_load_client.py"),

@@ -23,44 +23,14 @@ from meshpatch.agent import Agent
 from meshpatch.bootstrap import load_bootstrap
 from meshpatch.config import Settings
 from tests.support.controlplane import ControlPlane, control_plane
+from tests.support.mesh_yaml import reviews_split
 from tests.support.servers import free_port, http_server, run_app
 
 FQDN = "reviews.default.svc.cluster.local"
 
 
 def mesh(v1_weight: int, http_ports: tuple = (9001, 9002)) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: networking.istio.io/v1
-        kind: ServiceEntry
-        metadata: {{name: reviews, namespace: default}}
-        spec:
-          hosts: [{FQDN}]
-          location: MESH_INTERNAL
-          resolution: STATIC
-          ports: [{{number: 9080, name: http, protocol: HTTP}}]
-          endpoints:
-          - {{address: 127.0.0.2, labels: {{version: v1}}, ports: {{http: {http_ports[0]}}}}}
-          - {{address: 127.0.0.3, labels: {{version: v2}}, ports: {{http: {http_ports[1]}}}}}
-        ---
-        apiVersion: networking.istio.io/v1
-        kind: DestinationRule
-        metadata: {{name: reviews, namespace: default}}
-        spec:
-          host: {FQDN}
-          subsets:
-          - {{name: v1, labels: {{version: v1}}}}
-          - {{name: v2, labels: {{version: v2}}}}
-        ---
-        apiVersion: networking.istio.io/v1
-        kind: VirtualService
-        metadata: {{name: reviews, namespace: default}}
-        spec:
-          hosts: [{FQDN}]
-          http:
-          - route:
-            - {{destination: {{host: {FQDN}, subset: v1}}, weight: {v1_weight}}}
-            - {{destination: {{host: {FQDN}, subset: v2}}, weight: {100 - v1_weight}}}
-        """)
+    return reviews_split([("127.0.0.2", http_ports[0], "v1"), ("127.0.0.3", http_ports[1], "v2")], v1_weight)
 
 
 def make_agent(address: str, **env: str) -> Agent:

@@ -12,6 +12,7 @@ from typing import Iterator
 import pytest
 
 from tests.support.controlplane import control_plane
+from tests.support.mesh_yaml import reviews_split
 from tests.support.registries import (
     AppSession,
     ZooKeeperServer,
@@ -133,40 +134,7 @@ def test_host_in_zookeeper_and_in_the_mesh_with_a_subset_split(zk_server: ZooKee
     root = "/dubbo-merge"
     host = "reviews.default.svc.cluster.local"
     port = shared_port("127.0.0.2", "127.0.0.3", "127.0.0.4")
-    mesh = f"""
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [{host}]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  endpoints:
-  - address: 127.0.0.3
-    labels: {{app: reviews, version: v2}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: default}}
-spec:
-  host: {host}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [{host}]
-  http:
-  - route:
-    - destination: {{host: {host}, subset: v1}}
-      weight: 50
-    - destination: {{host: {host}, subset: v2}}
-      weight: 50
-"""
+    mesh = reviews_split([("127.0.0.3", None, "v2")], 50, port=port, host=host)
     with http_server("zk-v1", "127.0.0.2", port), http_server("mesh-v2", "127.0.0.3", port), \
             http_server("zk-moves", "127.0.0.4", port), control_plane(mesh) as cp, zk_client(zk_server) as zk:
         register_provider(zk, dubbo_url("rest", "127.0.0.2", port, "demo.Reviews", version="v1"), root)
