@@ -13,10 +13,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from meshpatch import safety
 
-from . import _common
 from ._common import current_agent, is_suppressed
 from ._grpc_mtls import attempt_key, endpoints, open_subchannel
-from ._grpc_target import _EMPTY as _EMPTY_HEADERS
 from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
 
 Key = Optional[Tuple[Any, ...]]  # endpoint (address, port[, tls]); None = the app's own target
@@ -77,15 +75,11 @@ class RoutedChannelCore:
         if is_suppressed():
             return None
         try:
-            module = _common._agent_module
-            agent = module._agent if module is not None else None  # current_agent(), without a frame per RPC
+            agent = current_agent()
             if agent is None:
-                agent = current_agent()
-                if agent is None:
-                    return None
+                return None
             mesh = self._mesh
-            return agent.router.start("grpc", mesh.host, mesh.port, "POST", method,
-                                      metadata_headers(metadata) if metadata else _EMPTY_HEADERS)
+            return agent.router.start("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
         except Exception as exc:
             from meshpatch.api import MeshError
 

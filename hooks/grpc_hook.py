@@ -285,25 +285,14 @@ class _Dispatch(DispatchCore):
         ``kwargs`` is this call's own dict: the lane goes into its metadata."""
         metadata = kwargs.get("metadata")
         try:
-            read = lanes.context_reader
-            if read is None or read() or lanes.lane_of_context() is not None:  # else: no lane to add
-                with_lane = lanes.outbound_grpc(metadata)
-                if with_lane is not metadata:
-                    kwargs["metadata"] = with_lane
+            with_lane = lanes.outbound_grpc(metadata)
+            if with_lane is not metadata:
+                kwargs["metadata"] = with_lane
         except Exception as exc:
             safety.internal_error("hooks.grpc.lane", exc)
-        try:
-            call = self._channel._start_call(self._method, kwargs.get("metadata"))
-        except MeshError as exc:
-            raise MeshRpcError(str(exc)) from exc
+        call = self._channel._start(self._method, kwargs.get("metadata"))
         if call is None:
             return None
-        if call.policy.fault is not None:
-            self._fault(call)
-        return call
-
-    @staticmethod
-    def _fault(call: Any) -> None:
         fault = call.fault()
         if fault is not None:
             try:
@@ -317,6 +306,7 @@ class _Dispatch(DispatchCore):
                     raise error
             finally:
                 fault.done()
+        return call
 
     def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any], Any]:
         try:
@@ -338,21 +328,10 @@ class _Dispatch(DispatchCore):
             return target(request, **kwargs) if how == "__call__" else getattr(target, how)(request, **kwargs)
         if not retry:
             call.retries = 1 << 30
-        handle = call.handle
         while True:
-            try:
-                pick = call.next_pick()
-            except MeshError as exc:
-                raise MeshRpcError(str(exc)) from exc
-            config = handle.config
-            key = (pick.address, pick.port) if config is None or config.tls is None else attempt_key(pick)
-            limit = call.attempt_timeout() if call.timed else None
-            attempt_kwargs = kwargs
-            if limit is not None:
-                attempt_kwargs = dict(kwargs)
-                attempt_kwargs["timeout"] = _bounded(kwargs.get("timeout"), limit)
-            target = self._calls.get(key) or self._callable(key)
-            handle.on_attempt_start(pick.endpoint)
+            pick, attempt_kwargs, key = self._pick(call, kwargs)
+            target = self._callable(key)
+            pick.started()
             error = None
             try:
                 result = target(request, **attempt_kwargs) if how == "__call__" else getattr(target, how)(request, **attempt_kwargs)
@@ -364,7 +343,7 @@ class _Dispatch(DispatchCore):
                 call.attempt_finished()
                 call.finish(outcome)
                 raise
-            delay = call.attempt_done(_GRPC_OK if error is None else outcome_of(error))
+            delay = call.attempt_done(outcome_of(error))
             if delay is None:
                 if error is not None:
                     raise error
@@ -403,7 +382,7 @@ class _Blocking(_Dispatch):
     _RETRY = True
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._blocking("__call__", request, _call_kwargs(args, kwargs) if args else dict(kwargs), self._RETRY)
+        return self._blocking("__call__", request, _call_kwargs(args, kwargs), retry=self._RETRY)
 
     def with_call(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         return self._blocking("with_call", request, _call_kwargs(args, kwargs), retry=self._RETRY)

@@ -29,10 +29,9 @@ from typing import Any, Optional, Tuple
 
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
-from meshpatch.routing.call import NO_HEADER_OPS, apply_header_ops
-from meshpatch.routing.outcome import _HTTP_ANSWERS as _ANSWERS, OK, Outcome, http_answer
+from meshpatch.routing.call import apply_header_ops
+from meshpatch.routing.outcome import OK, Outcome, http_answer
 
-from . import _common
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 
 _SCHEMES = ("http", "https")
@@ -41,14 +40,8 @@ _SCHEMES = ("http", "https")
 def patch(module: Any) -> str:
     import wrapt
 
-    global _BYTE_STREAM, _PARSED_FIELDS
+    global _BYTE_STREAM
     _BYTE_STREAM = getattr(module, "ByteStream", None)
-    try:  # this httpx keeps its parsed URL as a tuple of these fields (read directly per request)
-        probe = module.URL("http://probe.example:8080/p?q=1")._uri_reference
-        _PARSED_FIELDS = (probe.scheme, probe.host, probe.port, probe.path, probe.query) == (
-            "http", "probe.example", 8080, "/p", "q=1")
-    except Exception:
-        _PARSED_FIELDS = False
     sync_transport = module.HTTPTransport
     async_transport = module.AsyncHTTPTransport
     if is_patched(sync_transport):
@@ -62,33 +55,17 @@ def patch(module: Any) -> str:
 
 def _start(request: Any) -> Optional[Tuple[Any, Any, str, str]]:
     url = request.url
-    reference = getattr(url, "_uri_reference", None) if _PARSED_FIELDS else None
-    if reference is not None:  # the parsed fields URL's properties read, without a frame each
-        scheme = reference.scheme
-        host = reference.host
-        if host.startswith("xn--"):
-            host = url.host  # IDNA: the property decodes it
-        port = reference.port
-        query = reference.query
-        path = (reference.path or "/") if query is None else f"{reference.path or '/'}?{query}"
-    else:
-        scheme = url.scheme
-        host = url.host
-        port = url.port
-        path = ""
+    scheme = url.scheme
     if scheme not in _SCHEMES:
         return None
+    host = url.host
     if not host or host.startswith("["):
         return None
-    module = _common._agent_module
-    agent = module._agent if module is not None else None  # current_agent(), without a frame per request
+    agent = current_agent()
     if agent is None:
-        agent = current_agent()
-        if agent is None:
-            return None
-    if reference is None:
-        path = url.raw_path.decode("ascii")
-    call = agent.router.start(scheme, host, port, request.method, path, request.headers)
+        return None
+    path = url.raw_path.decode("ascii")
+    call = agent.router.start(scheme, host, url.port, request.method, path, request.headers)
     if call is None:
         return None
     return agent.router, call, scheme, host
@@ -164,30 +141,28 @@ class _Plan:
         self.call = call
         self.url = request.url
         policy = call.policy
-        rewritten = call.rewritten_path() if policy.prefix_rewrite is not None or policy.regex_rewrite is not None else None
+        rewritten = call.rewritten_path()
         self.raw_path = rewritten.encode("ascii") if rewritten is not None else None
         host_rewrite = policy.host_rewrite
         self.tls_host = (host_rewrite or host) if scheme == "https" else None
         self.saved_extensions = dict(request.extensions)
         self.saved_headers = None
         self.mesh_tls: Any = None
-        self.ops = call.header_ops() if policy.cluster_header_ops or policy.header_ops is not NO_HEADER_OPS else None
-        self.fault = None
+        self.ops = call.header_ops()
         if self.ops is not None or host_rewrite:
             self.saved_headers = request.headers.copy()
             if self.ops is not None:
                 apply_header_ops(request.headers, self.ops.request_add, self.ops.request_remove)
             if host_rewrite:
                 request.headers["Host"] = host_rewrite
-        replayable = request.stream.__class__ is _BYTE_STREAM or _replayable(request)
+        replayable = _replayable(request)
         if policy.mirrors and replayable:
             _mirror(router, call, request, self.raw_path)
         if not replayable:
             call.retries = 1 << 30  # a streamed body cannot be sent twice
 
     def aim(self, request: Any, pick: Any) -> None:
-        config = self.call.handle.config
-        self.mesh_tls = mesh_tls = None if config is None or config.tls is None else _mesh_tls(pick)
+        self.mesh_tls = mesh_tls = _mesh_tls(pick)
         if mesh_tls is not None:
             request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path, "https")
             request.extensions.pop("sni_hostname", None)
@@ -195,7 +170,7 @@ class _Plan:
             request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path)
             if self.tls_host is not None:
                 request.extensions["sni_hostname"] = self.tls_host
-        timeout = self.call.attempt_timeout() if self.call.timed else None
+        timeout = self.call.attempt_timeout()
         if timeout is not None:
             current = dict(request.extensions.get("timeout") or {})
             for key in ("connect", "read", "write", "pool"):
@@ -280,18 +255,20 @@ def _remember(cache: dict, mesh_tls: Any, transport: Any) -> None:
     cache[mesh_tls.channel_key] = transport
 
 
+_BYTE_STREAM: Any = None  # httpx.ByteStream, set when patched (no import per request)
+
+
 def _replayable(request: Any) -> bool:
-    import httpx
+    byte_stream = _BYTE_STREAM
+    if byte_stream is None:
+        import httpx
 
-    return isinstance(request.stream, httpx.ByteStream)
-
-
-_BYTE_STREAM: Any = None  # httpx.ByteStream, once patched (the usual, replayable body)
-_PARSED_FIELDS = False  # URL._uri_reference has the fields _start reads (checked when patched)
+        byte_stream = httpx.ByteStream
+    return isinstance(request.stream, byte_stream)
 
 
 def _local_answer(request: Any, call: Any) -> Optional[Any]:
-    kind = call.route.action.kind
+    kind = call.kind
     if kind == "direct":
         return _local_response(request, call.policy.direct.status, call.policy.direct.body)
     if kind == "redirect":
@@ -339,9 +316,7 @@ def _prepare(request: Any, site: str) -> Any:
     """The shared prologue: None = not in the mesh (send as is), a response = the
     mesh answered locally (direct response / redirect), else the call's _Plan."""
     try:
-        read = lanes.context_reader
-        if read is None or read() or lanes.lane_of_context() is not None:  # else: no lane, nothing to add
-            lanes.outbound_http(request.headers)
+        lanes.outbound_http(request.headers)
         started = _start(request)
         if started is None:
             return None
@@ -351,8 +326,7 @@ def _prepare(request: Any, site: str) -> Any:
             if local is not None:
                 return local
         plan = _Plan(request, router, call, scheme, host)
-        if call.policy.fault is not None:
-            plan.fault = call.fault()
+        plan.fault = call.fault()
         return plan
     except MeshError as exc:
         raise _error(request, exc) from exc
@@ -368,7 +342,7 @@ def _begin(plan: Any, request: Any) -> Any:
         plan.aim(request, pick)
     except MeshError as exc:
         raise _error(request, exc) from exc
-    plan.call.handle.on_attempt_start(pick.endpoint)
+    pick.started()
     return pick
 
 
@@ -377,8 +351,7 @@ def _end(plan: Any, pick: Any, response: Any, error: Optional[BaseException]) ->
     if error is not None:
         outcome = _outcome_from_error(error)
     else:
-        status = response.status_code
-        outcome = _ANSWERS.get(status) or http_answer(status)
+        outcome = http_answer(response.status_code)
     return plan.call.attempt_done(outcome)
 
 

@@ -32,10 +32,9 @@ import time as _time
 
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
-from meshpatch.routing.call import NO_HEADER_OPS, apply_header_ops
-from meshpatch.routing.outcome import _HTTP_ANSWERS as _ANSWERS, OK, Outcome, http_answer
+from meshpatch.routing.call import apply_header_ops
+from meshpatch.routing.outcome import OK, Outcome, http_answer
 
-from . import _common
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 
 #: Attribute carried by a PreparedRequest only while it is being sent to an
@@ -115,12 +114,9 @@ def _start(request: Any, url: str) -> Optional[Tuple[Any, Any, str, str, Optiona
     scheme, host, port, path_start = parts
     if scheme == "https" and not _TLS_SUPPORTED:
         return None
-    module = _common._agent_module
-    agent = module._agent if module is not None else None  # current_agent(), without a frame per request
+    agent = current_agent()
     if agent is None:
-        agent = current_agent()
-        if agent is None:
-            return None
+        return None
     path = url[path_start:] or "/"
     fragment = path.find("#")
     if fragment >= 0:
@@ -178,9 +174,7 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
     try:
-        read = lanes.context_reader
-        if read is None or read() or lanes.lane_of_context() is not None:  # else: no lane, nothing to add
-            lanes.outbound_http(request.headers)
+        lanes.outbound_http(request.headers)
         url = request.url
         started = _start(request, url)
     except MeshError as exc:
@@ -210,7 +204,7 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
 def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url: str, router: Any, call: Any,
              scheme: str, host: str, port: Optional[int], path_start: int) -> Any:
     policy = call.policy
-    fault = call.fault() if policy.fault is not None else None
+    fault = call.fault()
     if fault is not None:
         try:
             if fault.delay:
@@ -222,7 +216,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             fault.done()
     headers = request.headers
     saved_headers = None
-    ops = call.header_ops() if policy.cluster_header_ops or policy.header_ops is not NO_HEADER_OPS else None
+    ops = call.header_ops()
     if ops is not None:
         saved_headers = headers.copy()
         apply_header_ops(headers, ops.request_add, ops.request_remove)
@@ -243,8 +237,7 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             store["host"] = ("Host", value)
         else:
             headers["Host"] = value
-    tail = (call.rewritten_path() if policy.prefix_rewrite is not None or policy.regex_rewrite is not None
-            else None) or url[path_start:]
+    tail = call.rewritten_path() or url[path_start:]
     tls_host = (policy.host_rewrite or host) if scheme == "https" else None
     body = request.body
     replayable = body is None or isinstance(body, (bytes, str))
@@ -259,13 +252,12 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     try:
         while True:
             pick = call.next_pick()
-            attempt_timeout = call.attempt_timeout() if call.timed else None
+            attempt_timeout = call.attempt_timeout()
             if attempt_timeout is not None:
                 send_kwargs = dict(kwargs)
                 send_kwargs["timeout"] = _bounded_timeout(kwargs.get("timeout"), attempt_timeout)
             address = f"[{pick.address}]" if ":" in pick.address else pick.address
-            config = call.handle.config
-            mesh_tls = None if config is None or config.tls is None else _mesh_tls(pick)
+            mesh_tls = _mesh_tls(pick)
             if mesh_tls is not None:
                 request.url = f"https://{address}:{pick.port}{tail}"
                 setattr(request, MESH_TLS_ATTR, mesh_tls)
@@ -277,12 +269,11 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
                 if tls_host is not None:
                     setattr(request, TLS_HOST_ATTR, tls_host)
                 attempt_args, attempt_kwargs = args[1:], send_kwargs
-            call.handle.on_attempt_start(pick.endpoint)
+            pick.started()
             response = error = None
             try:
                 response = wrapped(request, *attempt_args, **attempt_kwargs)
-                status = response.status_code
-                outcome = _ANSWERS.get(status) or http_answer(status)
+                outcome = http_answer(response.status_code)
             except BaseException as exc:  # classified, reported, then re-raised below
                 error = exc
                 outcome = _outcome_from_error(exc)

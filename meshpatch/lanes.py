@@ -69,7 +69,7 @@ def current_lane() -> Optional[str]:
 
 
 def _baggage_lane() -> Optional[str]:
-    read = context_reader or _context_reader()
+    read = _CURRENT_CONTEXT or _context_reader()
     if read is None:
         return None
     try:
@@ -85,23 +85,20 @@ def _baggage_lane() -> Optional[str]:
 
 
 _OTEL_CONTEXT: Any = False  # False = not looked up yet, None = not installed
-context_reader: Any = None  # reads OTel's current Context; set once OTel is imported
-#: The lane of this context (the hooks read it inline, together with
-#: ``context_reader``, to skip the outbound_* call when there can be no lane).
-lane_of_context = _LANE.get
+_CURRENT_CONTEXT: Any = None  # reads OTel's current Context; set once OTel is imported
 
 
 def _context_reader() -> Any:
     """How to read OTel's current Context on every outbound call: the API's
     ContextVar's own ``get`` when its runtime context has the usual layout (one C
     call), else the public ``get_current``."""
-    global context_reader
+    global _CURRENT_CONTEXT
     otel_context = _otel_context()
     if otel_context is None:
         return None
     var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
-    context_reader = var.get if callable(getattr(var, "get", None)) else otel_context.get_current
-    return context_reader
+    _CURRENT_CONTEXT = var.get if callable(getattr(var, "get", None)) else otel_context.get_current
+    return _CURRENT_CONTEXT
 
 
 def _otel_context() -> Any:
@@ -211,9 +208,6 @@ def outbound_http(headers: Any) -> None:
     unless the app set a lane header itself.  One ContextVar read when no lane."""
     lane = _LANE.get()
     if lane is None:
-        read = context_reader
-        if read is not None and not read():
-            return  # the usual case: OTel's context is empty, so there is no baggage
         lane = _baggage_lane()
         if lane is None:
             return
@@ -232,9 +226,6 @@ def outbound_grpc(metadata: Any) -> Any:
     the app set the lane header itself."""
     lane = _LANE.get()
     if lane is None:
-        read = context_reader
-        if read is not None and not read():
-            return metadata  # OTel's context is empty: no baggage
         lane = _baggage_lane()
         if lane is None:
             return metadata

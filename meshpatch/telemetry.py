@@ -75,9 +75,10 @@ _ATTR_CACHE_MAX = 10_000
 _metrics_internal = getattr(_otel_metrics, "_internal", None) if _AVAILABLE else None
 _FAST = (_AVAILABLE and hasattr(_otel_trace, "_TRACER_PROVIDER")
          and hasattr(_metrics_internal, "_METER_PROVIDER"))
-#: For the router, which checks it inline once per request (no call into this
-#: module without an SDK): the two modules whose provider globals stay None
-#: while no SDK is set, or None when the API's layout is not the known one.
+#: For the router, which reads it inline once per request so that without an
+#: SDK nothing in this module is called: the two modules whose provider globals
+#: stay None while no SDK is set (None when the API's layout is not the known
+#: one, and then the router always calls ``routed``).
 IDLE_PROBE = (_otel_trace, _metrics_internal) if _FAST else None
 
 
@@ -336,9 +337,7 @@ def routed(call: Any, began: float, host: str = "") -> bool:
     """The router decided (``call`` None = not in the mesh: passed through).
     True when a provider is set: the call then carries its telemetry state and
     reports its attempts; otherwise (no SDK) it never calls here again."""
-    if not _tracing and not _metering and (  # _nothing_set(), inlined: once per request
-            (_FAST and _otel_trace._TRACER_PROVIDER is None and _metrics_internal._METER_PROVIDER is None)
-            or not _AVAILABLE):
+    if _nothing_set():
         return False
     if call is not None:
         call.tel_span = None  # the client span described (current at an attempt's start)

@@ -54,7 +54,7 @@ class FaultDecision:
 class Call:
     __slots__ = (
         "scheme", "host", "port", "method", "path", "headers", "authority", "route", "policy", "handle",
-        "request_hash", "tried", "retries", "started", "deadline", "timed", "is_grpc", "_in_retry", "attempts",
+        "request_hash", "tried", "retries", "started", "deadline", "is_grpc", "_in_retry", "attempts",
         # telemetry (meshpatch.telemetry) and lanes (meshpatch.lanes); ``tel``: an OTel
         # provider was set when the call was routed (the tel_* fields exist only then)
         "pick", "tel", "tel_span", "tel_inner", "tel_open", "tel_done", "tel_lane",
@@ -84,9 +84,6 @@ class Call:
         action = route.action
         timeout = action.max_stream_duration if self.is_grpc and action.max_stream_duration > 0 else action.timeout
         self.deadline = self.started + timeout if timeout > 0 else None
-        retry = self.policy.retry
-        # whether attempt_timeout() can say anything (hooks skip the call when not)
-        self.timed = self.deadline is not None or (retry is not None and retry.per_try_timeout > 0)
 
     # -- what kind of call ------------------------------------------------
 
@@ -149,15 +146,8 @@ class Call:
         """The current attempt ended with ``outcome``: report it to the cluster
         and decide about a retry -- ``pick.finished``, :meth:`attempt_finished`
         and :meth:`retry_delay` in one step, for the hooks' attempt loops."""
-        handle = self.handle
-        handle.on_attempt_end(self.pick.endpoint, outcome)
-        if self._in_retry:
-            self._in_retry = False
-            handle.retry_finished()
-        if not self.tel and outcome.kind == OK:  # the common answer: done, nothing to report
-            status = outcome.http_status
-            if (status is not None and status < 409) or outcome.grpc_status == "OK" or self.policy.retry is None:
-                return None
+        self.pick.finished(outcome)
+        self.attempt_finished()
         return self.retry_delay(outcome)
 
     def attempt_finished(self) -> None:

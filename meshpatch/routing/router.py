@@ -206,9 +206,8 @@ class Router:
     def start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Call]:
         """Match the call's route; None = not in the mesh (make the original call).
 
-        One function on purpose: it runs once per request between network
-        round trips that evict it from the CPU caches, so every extra frame
-        and code object it touches costs far more there than in a loop."""
+        One function, reading the route cache, the single cluster and "no SDK"
+        inline: this is the pick path bench/bench_pick.py measures."""
         began = perf_counter()
         if port is None:
             port = DEFAULT_PORTS.get(scheme, 80)
@@ -226,12 +225,12 @@ class Router:
             if snapshot is NOT_FOUND or snapshot is None:
                 return self._passthrough(began, host)
             match_path = path.split("?", 1)[0] if "?" in path else path
-            table = snapshot.table
-            candidates = table._cache.get(match_path)
-            if candidates is None:
-                candidates = table.candidates(match_path)
             lookup = None
             query = None
+            table = snapshot.table
+            candidates = table.cached(match_path)
+            if candidates is None:
+                candidates = table.candidates(match_path)
             for route in candidates:
                 if route.headers:
                     if lookup is None:
@@ -258,13 +257,9 @@ class Router:
                         return call
                     raise NoRouteMatched(host, port, path)  # non-forwarding (server) route, or redirect for gRPC
                 handle = chooser.single or chooser.choose()
-                # circuit breakers (ClusterHandle.admit_request, inlined for the common "under the limits")
-                active = handle.in_flight
-                breakers = handle._breakers
-                if active >= breakers.max_requests or (scheme != "grpc" and active >= breakers.max_connections + breakers.max_pending_requests):
-                    refused = handle.admit_request(multiplexed=scheme == "grpc")
-                    if refused is not None:
-                        raise CircuitBreakerOpen(handle.name, refused)
+                refused = handle.admit_request(multiplexed=scheme == "grpc")
+                if refused is not None:
+                    raise CircuitBreakerOpen(handle.name, refused)
                 request_hash = None
                 if route.hash_policies:
                     request_hash = _request_hash(route.hash_policies, headers, scheme, method, path, target.authority,
@@ -281,9 +276,7 @@ class Router:
 
     @staticmethod
     def _passthrough(began: float, host: str) -> None:
-        probe = _IDLE_PROBE
-        if probe is None or probe[0]._TRACER_PROVIDER is not None or probe[1]._METER_PROVIDER is not None:
-            telemetry.routed(None, began, host)
+        telemetry.routed(None, began, host)
         return None
 
     def prefetch(self, host: str, port: Optional[int], scheme: str = "http") -> None:

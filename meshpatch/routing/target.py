@@ -112,15 +112,10 @@ class ClusterHandle:
                 if state is not None:
                     if state.active > 0:
                         state.active -= 1
-                    if outcome is not None:
-                        kind = outcome.kind
-                        if tracker is not None:
-                            if kind == OK and tracker.config.connect_failures_only:
-                                state.consecutive_local = 0  # OutlierTracker.on_result's answer, inlined
-                            else:
-                                changed = tracker.on_result(state, outcome, self.states, now)
-                        if (kind == CONNECT_FAILURE or state.down_until) and _connectivity(state, outcome, now):
-                            changed = True
+                    if tracker is not None and outcome is not None:
+                        changed = tracker.on_result(state, outcome, self.states, now)
+                    if outcome is not None and _connectivity(state, outcome, now):
+                        changed = True
             if tracker is not None and now >= tracker.next_tick:
                 if tracker.tick(self.states, now) or changed:
                     self._rebuild_locked(now)
@@ -445,8 +440,7 @@ class ClusterChooser:
         self.single = self._handles[0] if len(self._handles) == 1 else None
 
     def choose(self) -> ClusterHandle:
-        if self.single is not None:
-            return self.single
+        """The weighted draw; a single cluster is ``single`` (the router reads it first)."""
         return self._handles[bisect.bisect_right(self._cumulative, random.random() * self._total)]
 
 
@@ -482,7 +476,7 @@ class RouteTable:
     #: full, so ID-like paths cannot grow it without bound.
     CACHE_MAX = 4096
 
-    __slots__ = ("routes", "indexed", "_by_prefix", "_by_exact", "_generic", "_lengths", "_cache")
+    __slots__ = ("routes", "indexed", "_by_prefix", "_by_exact", "_generic", "_lengths", "_cache", "cached")
 
     def __init__(self, routes: Tuple[CompiledRoute, ...]) -> None:
         self.routes = routes
@@ -500,10 +494,11 @@ class RouteTable:
                 self._generic.append(index)
         self._lengths = sorted({len(p) for p in self._by_prefix})
         self._cache: Dict[str, Tuple[CompiledRoute, ...]] = {}
+        self.cached = self._cache.get  # path -> candidates already computed, or None
 
     def candidates(self, path: str) -> Any:
         """Routes whose path matcher accepts ``path``, in route order."""
-        found = self._cache.get(path)
+        found = self.cached(path)
         if found is None:
             found = self._candidates(path)
             cache = self._cache
