@@ -41,6 +41,29 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class OkHandler(BaseHTTPRequestHandler):
+    """Answers every GET with a small fixed JSON body (latency benchmarks)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; without TCP_NODELAY Nagle
+        # plus the client's delayed ACK adds ~40 ms to every keep-alive call.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        body = b'{"ok":true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 

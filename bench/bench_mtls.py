@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import ssl
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ import sys
 import tempfile
 import threading
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -43,28 +42,10 @@ sys.path.insert(0, str(ROOT))
 from meshpatch.controlplane import ControlPlaneServer  # noqa: E402
 from meshpatch.security.providers import pem_file  # noqa: E402
 from tests.support.pki import MeshCA, with_certificate_providers  # noqa: E402
+from _mesh import OkHandler as _Handler  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PLAIN, SECURE = "plain.default.svc.cluster.local", "secure.default.svc.cluster.local"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        body = b'{"ok":true}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def servers(ip: str, workload: Any = None) -> Tuple[int, int]:

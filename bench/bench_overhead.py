@@ -33,36 +33,18 @@ import tempfile
 import threading
 import time
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _mesh import OkHandler as _Handler, free_port  # noqa: E402
 BIN = Path(sys.executable).parent
 ENDPOINT_IP = "127.0.0.2"
 MESH_HOST = "bench.default.svc.cluster.local"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in separate writes; without TCP_NODELAY Nagle
-        # plus the client's delayed ACK adds ~40 ms to every keep-alive call.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        body = b'{"ok":true}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def start_servers() -> tuple:
@@ -76,12 +58,6 @@ def start_servers() -> tuple:
     grpc_port = grpc_server.add_insecure_port(f"{ENDPOINT_IP}:0")
     grpc_server.start()
     return http_server, http_server.server_address[1], grpc_server, grpc_port
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 MESH_YAML = """\
