@@ -22,27 +22,8 @@ sys.path.insert(0, str(ROOT))
 from tests.support.mesh_yaml import REVIEWS as HOST, reviews_entry, reviews_split  # noqa: E402, F401 (re-exported)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        body = json.dumps({"server": self.server.name}).encode()  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 class OkHandler(BaseHTTPRequestHandler):
-    """Answers every GET with a small fixed JSON body (latency benchmarks)."""
+    """Answers every GET with a small JSON body: ``{"ok":true}`` (latency benchmarks)."""
 
     protocol_version = "HTTP/1.1"
 
@@ -52,8 +33,11 @@ class OkHandler(BaseHTTPRequestHandler):
         # plus the client's delayed ACK adds ~40 ms to every keep-alive call.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def body(self) -> bytes:
+        return b'{"ok":true}'
+
     def do_GET(self) -> None:  # noqa: N802 - http.server API
-        body = b'{"ok":true}'
+        body = self.body()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -62,6 +46,13 @@ class OkHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+class _Handler(OkHandler):
+    """Names the pod that answered (the benches count answers per pod)."""
+
+    def body(self) -> bytes:
+        return json.dumps({"server": self.server.name}).encode()  # type: ignore[attr-defined]
 
 
 class _Server(ThreadingHTTPServer):
