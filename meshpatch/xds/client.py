@@ -347,15 +347,13 @@ class XdsClient:
                             kind, response.version_info, detail)
                 # No settle timer: servers take no subscription change from a
                 # NACK (istiod ignores its names), so their silence proves nothing.
-                state.doubted = doubted
                 self._send(response.type_url, error=detail)
             else:
                 state.acks += 1
                 state.accepted_at = time.time()
                 state.version = response.version_info
-                state.doubted = doubted
                 if self._send(response.type_url) and doubted:
-                    self._arm_doubts(response.type_url, state)
+                    self._arm_doubts(response.type_url, state, doubted)
 
     def _mark_absent(self, state: _TypeState, type_url: str, name: str, resource: _Resource) -> None:
         resource.value = None
@@ -373,7 +371,8 @@ class XdsClient:
         if timer is not None:
             timer.cancel()
 
-    def _arm_doubts(self, type_url: str, state: _TypeState) -> None:
+    def _arm_doubts(self, type_url: str, state: _TypeState, doubted: List[str]) -> None:
+        state.doubted = doubted
         settle = min(self.absence_settle, LDS_ABSENCE_SETTLE) if type_url == LDS else self.absence_settle
         timer = threading.Timer(settle, self._confirm_absent, (type_url, state.doubt_gen))
         timer.daemon = True
