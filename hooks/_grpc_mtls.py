@@ -12,16 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Sequence, Tuple
 
-_of_pick: Any = None
+from meshpatch.security import of_pick
 
 
 def attempt_key(pick: Any) -> Tuple[Any, ...]:
-    global _of_pick
-    if _of_pick is None:
-        from meshpatch.security.client_tls import of_pick
-
-        _of_pick = of_pick
-    mesh_tls = _of_pick(pick)
+    mesh_tls = of_pick(pick)
     if mesh_tls is None:
         return (pick.address, pick.port)
     return (pick.address, pick.port, mesh_tls)

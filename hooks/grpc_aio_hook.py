@@ -154,15 +154,19 @@ class _Dispatch(DispatchCore):
 
     def _attempt(self, call: Any, request: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
         """Start one attempt: (pick, the real aio call)."""
-        pick = call.next_pick()
-        key = attempt_key(pick)
-        limit = call.attempt_timeout()
-        if limit is not None:
-            kwargs = dict(kwargs)
-            timeout = kwargs.get("timeout")
-            kwargs["timeout"] = limit if timeout is None else min(timeout, limit)
-        rpc = self._callable(key)(request, **kwargs)
-        pick.started()
+        pick = call.next_pick()  # the attempt has begun: end it if it cannot be sent
+        try:
+            key = attempt_key(pick)
+            if not call.plain:
+                limit = call.attempt_timeout()
+                if limit is not None:
+                    kwargs = dict(kwargs)
+                    timeout = kwargs.get("timeout")
+                    kwargs["timeout"] = limit if timeout is None else min(timeout, limit)
+            rpc = (self._calls.get(key) or self._callable(key))(request, **kwargs)
+        except BaseException as exc:
+            call.finish(grpc_hook.outcome_of(exc))
+            raise
         return pick, rpc
 
     def __call__(self, request: Any = None, **kwargs: Any) -> Any:
@@ -200,8 +204,6 @@ def _report_when_done(rpc: Any, pick: Any, call: Any) -> None:
                 code = await rpc.code()
                 details = await rpc.details() if code != grpc.StatusCode.OK else ""
                 outcome = _outcome(code, details)
-                pick.finished(outcome)
-                call.attempt_finished()
                 call.finish(outcome)
             except Exception as exc:
                 safety.internal_error("hooks.grpc_aio.report", exc)
@@ -271,8 +273,6 @@ class _UnaryCall:
                 outcome = _outcome(exc.code(), exc.details() or "")
             except BaseException as exc:
                 outcome = grpc_hook.outcome_of(exc)
-                pick.finished(outcome)
-                call.attempt_finished()
                 call.finish(outcome)
                 raise
             delay = call.attempt_done(outcome)

@@ -257,8 +257,6 @@ def report_when_done(rpc: Any, pick: Any, call: Any) -> Any:
             if code is not None and code != grpc.StatusCode.OK:
                 error = rpc
             outcome = outcome_of(error)
-            pick.finished(outcome)
-            call.attempt_finished()
             call.finish(outcome)
         except Exception as exc:
             safety.internal_error("hooks.grpc.report", exc)
@@ -291,8 +289,8 @@ class _Dispatch(DispatchCore):
         except Exception as exc:
             safety.internal_error("hooks.grpc.lane", exc)
         call = self._channel._start(self._method, kwargs.get("metadata"))
-        if call is None:
-            return None
+        if call is None or call.plain:  # plain: no fault, no attempt timeout (RoutePolicy.plain)
+            return call
         fault = call.fault()
         if fault is not None:
             try:
@@ -309,16 +307,24 @@ class _Dispatch(DispatchCore):
         return call
 
     def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any], Any]:
+        """The next attempt begins: its pick, its call arguments and the real
+        multicallable for its endpoint."""
         try:
             pick = call.next_pick()
-            key = attempt_key(pick)
         except MeshError as exc:
             raise MeshRpcError(str(exc)) from exc
-        limit = call.attempt_timeout()
-        if limit is not None:
-            kwargs = dict(kwargs)
-            kwargs["timeout"] = _bounded(kwargs.get("timeout"), limit)
-        return pick, kwargs, key
+        try:  # the attempt has begun: end it if it cannot be sent
+            key = attempt_key(pick)
+            target = self._calls.get(key) or self._callable(key)
+            if not call.plain:
+                limit = call.attempt_timeout()
+                if limit is not None:
+                    kwargs = dict(kwargs)
+                    kwargs["timeout"] = _bounded(kwargs.get("timeout"), limit)
+        except BaseException as exc:
+            call.finish(outcome_of(exc))
+            raise
+        return pick, kwargs, target
 
     def _blocking(self, how: str, request: Any, kwargs: Dict[str, Any], retry: bool) -> Any:
         """A blocking call: attempts with retries, as Envoy/gRPC A44 do."""
@@ -329,9 +335,7 @@ class _Dispatch(DispatchCore):
         if not retry:
             call.retries = 1 << 30
         while True:
-            pick, attempt_kwargs, key = self._pick(call, kwargs)
-            target = self._callable(key)
-            pick.started()
+            pick, attempt_kwargs, target = self._pick(call, kwargs)
             error = None
             try:
                 result = target(request, **attempt_kwargs) if how == "__call__" else getattr(target, how)(request, **attempt_kwargs)
@@ -339,11 +343,9 @@ class _Dispatch(DispatchCore):
                 error = exc
             except BaseException as exc:
                 outcome = outcome_of(exc)
-                pick.finished(outcome)
-                call.attempt_finished()
                 call.finish(outcome)
                 raise
-            delay = call.attempt_done(outcome_of(error))
+            delay = call.attempt_done(_GRPC_OK if error is None else outcome_of(error))
             if delay is None:
                 if error is not None:
                     raise error
@@ -359,15 +361,11 @@ class _Dispatch(DispatchCore):
         if call is None:
             target = self._callable(None)
             return target(request, **kwargs) if how is None else getattr(target, how)(request, **kwargs)
-        pick, attempt_kwargs, key = self._pick(call, kwargs)
-        target = self._callable(key)
-        pick.started()
+        pick, attempt_kwargs, target = self._pick(call, kwargs)
         try:
             rpc = target(request, **attempt_kwargs) if how is None else getattr(target, how)(request, **attempt_kwargs)
         except BaseException as exc:
             outcome = outcome_of(exc)
-            pick.finished(outcome)
-            call.attempt_finished()
             call.finish(outcome)
             raise
         return report_when_done(rpc, pick, call)
@@ -382,10 +380,10 @@ class _Blocking(_Dispatch):
     _RETRY = True
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._blocking("__call__", request, _call_kwargs(args, kwargs), retry=self._RETRY)
+        return self._blocking("__call__", request, _call_kwargs(args, kwargs) if args else kwargs, retry=self._RETRY)
 
     def with_call(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._blocking("with_call", request, _call_kwargs(args, kwargs), retry=self._RETRY)
+        return self._blocking("with_call", request, _call_kwargs(args, kwargs) if args else kwargs, retry=self._RETRY)
 
     def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         try:

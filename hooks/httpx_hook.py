@@ -30,7 +30,8 @@ from typing import Any, Optional, Tuple
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
 from meshpatch.routing.call import apply_header_ops
-from meshpatch.routing.outcome import OK, Outcome, http_answer
+from meshpatch.routing.outcome import HTTP_ANSWERS, LOCAL, OK, Outcome
+from meshpatch.security import of_pick
 
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 
@@ -40,8 +41,11 @@ _SCHEMES = ("http", "https")
 def patch(module: Any) -> str:
     import wrapt
 
-    global _BYTE_STREAM
+    global _BYTE_STREAM, _PARSE_RESULT
     _BYTE_STREAM = getattr(module, "ByteStream", None)
+    import sys
+
+    _PARSE_RESULT = getattr(sys.modules.get(f"{module.__name__}._urlparse"), "ParseResult", None)
     sync_transport = module.HTTPTransport
     async_transport = module.AsyncHTTPTransport
     if is_patched(sync_transport):
@@ -51,24 +55,6 @@ def patch(module: Any) -> str:
     mark_patched(sync_transport)
     mark_patched(async_transport)
     return f"httpx {getattr(module, '__version__', '?')}: HTTPTransport and AsyncHTTPTransport routed"
-
-
-def _start(request: Any) -> Optional[Tuple[Any, Any, str, str]]:
-    url = request.url
-    scheme = url.scheme
-    if scheme not in _SCHEMES:
-        return None
-    host = url.host
-    if not host or host.startswith("["):
-        return None
-    agent = current_agent()
-    if agent is None:
-        return None
-    path = url.raw_path.decode("ascii")
-    call = agent.router.start(scheme, host, url.port, request.method, path, request.headers)
-    if call is None:
-        return None
-    return agent.router, call, scheme, host
 
 
 _endpoint_urls: dict = {}
@@ -141,13 +127,27 @@ class _Plan:
         self.call = call
         self.url = request.url
         policy = call.policy
-        rewritten = call.rewritten_path()
-        self.raw_path = rewritten.encode("ascii") if rewritten is not None else None
         host_rewrite = policy.host_rewrite
         self.tls_host = (host_rewrite or host) if scheme == "https" else None
-        self.saved_extensions = dict(request.extensions)
+        self.saved_extensions = None  # copied before the first change (aim)
         self.saved_headers = None
         self.mesh_tls: Any = None
+        byte_stream = _BYTE_STREAM
+        if byte_stream is None:
+            import httpx
+
+            byte_stream = httpx.ByteStream
+        replayable = isinstance(request.stream, byte_stream)
+        if not replayable:
+            call.retries = 1 << 30  # a streamed body cannot be sent twice
+        if call.plain:  # no fault, header ops, rewrite or mirror (RoutePolicy.plain)
+            self.raw_path = self.ops = self.fault = None
+            if host_rewrite:
+                self.saved_headers = request.headers.copy()
+                request.headers["Host"] = host_rewrite
+            return
+        rewritten = call.rewritten_path()
+        self.raw_path = rewritten.encode("ascii") if rewritten is not None else None
         self.ops = call.header_ops()
         if self.ops is not None or host_rewrite:
             self.saved_headers = request.headers.copy()
@@ -155,32 +155,51 @@ class _Plan:
                 apply_header_ops(request.headers, self.ops.request_add, self.ops.request_remove)
             if host_rewrite:
                 request.headers["Host"] = host_rewrite
-        replayable = _replayable(request)
         if policy.mirrors and replayable:
             _mirror(router, call, request, self.raw_path)
-        if not replayable:
-            call.retries = 1 << 30  # a streamed body cannot be sent twice
+        self.fault = call.fault()
 
-    def aim(self, request: Any, pick: Any) -> None:
-        self.mesh_tls = mesh_tls = _mesh_tls(pick)
-        if mesh_tls is not None:
-            request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path, "https")
-            request.extensions.pop("sni_hostname", None)
-        else:
-            request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path)
-            if self.tls_host is not None:
-                request.extensions["sni_hostname"] = self.tls_host
-        timeout = self.call.attempt_timeout()
-        if timeout is not None:
-            current = dict(request.extensions.get("timeout") or {})
-            for key in ("connect", "read", "write", "pool"):
-                value = current.get(key)
-                current[key] = timeout if value is None else min(value, timeout)
-            request.extensions["timeout"] = current
+    def begin(self, request: Any) -> Any:
+        """One attempt starts: its endpoint (the attempt counted as begun), the
+        request aimed at it."""
+        try:
+            pick = self.call.next_pick()
+        except MeshError as exc:
+            raise _error(request, exc) from exc
+        try:
+            self.mesh_tls = mesh_tls = of_pick(pick)
+            if mesh_tls is not None:
+                self._save_extensions(request)
+                request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path, "https")
+                request.extensions.pop("sni_hostname", None)
+            else:
+                request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path)
+                if self.tls_host is not None:
+                    self._save_extensions(request)
+                    request.extensions["sni_hostname"] = self.tls_host
+            if not self.call.plain:
+                timeout = self.call.attempt_timeout()
+                if timeout is not None:
+                    self._save_extensions(request)
+                    current = dict(request.extensions.get("timeout") or {})
+                    for key in ("connect", "read", "write", "pool"):
+                        value = current.get(key)
+                        current[key] = timeout if value is None else min(value, timeout)
+                    request.extensions["timeout"] = current
+        except BaseException:  # the attempt began: end it before the error leaves
+            self.call.finish(_LOCAL_FAILURE)
+            raise
+        return pick
+
+    def _save_extensions(self, request: Any) -> None:
+        if self.saved_extensions is None:
+            self.saved_extensions = request.extensions
+            request.extensions = dict(request.extensions)
 
     def restore(self, request: Any) -> None:
         request.url = self.url
-        request.extensions = self.saved_extensions
+        if self.saved_extensions is not None:
+            request.extensions = self.saved_extensions
         if self.saved_headers is not None:
             request.headers = self.saved_headers
 
@@ -192,18 +211,6 @@ class _Plan:
             except Exception as exc:
                 safety.internal_error("hooks.httpx.response_headers", exc)
         return response
-
-
-_of_pick: Any = None
-
-
-def _mesh_tls(pick: Any) -> Any:
-    global _of_pick
-    if _of_pick is None:
-        from meshpatch.security.client_tls import of_pick
-
-        _of_pick = of_pick
-    return _of_pick(pick)
 
 
 _mesh_transports: dict = {}
@@ -256,15 +263,8 @@ def _remember(cache: dict, mesh_tls: Any, transport: Any) -> None:
 
 
 _BYTE_STREAM: Any = None  # httpx.ByteStream, set when patched (no import per request)
-
-
-def _replayable(request: Any) -> bool:
-    byte_stream = _BYTE_STREAM
-    if byte_stream is None:
-        import httpx
-
-        byte_stream = httpx.ByteStream
-    return isinstance(request.stream, byte_stream)
+_LOCAL_FAILURE = Outcome(LOCAL)
+_PARSE_RESULT: Any = None  # the class of httpx.URL._uri_reference this hook knows the fields of
 
 
 def _local_answer(request: Any, call: Any) -> Optional[Any]:
@@ -317,17 +317,36 @@ def _prepare(request: Any, site: str) -> Any:
     mesh answered locally (direct response / redirect), else the call's _Plan."""
     try:
         lanes.outbound_http(request.headers)
-        started = _start(request)
-        if started is None:
+        url = request.url
+        ref = getattr(url, "_uri_reference", None)
+        if ref is not None and ref.__class__ is _PARSE_RESULT:  # the parsed fields, without 4 property calls
+            scheme = ref.scheme
+            host = ref.host
+            port = ref.port
+            path = ref.path or "/"
+            if ref.query is not None:
+                path = f"{path}?{ref.query}"
+            if host.startswith("xn--"):
+                host = url.host  # IDNA: the router sees the decoded name, as url.host gives it
+        else:
+            scheme = url.scheme
+            host = url.host
+            port = url.port
+            path = url.raw_path.decode("ascii")
+        if scheme not in _SCHEMES or not host or host.startswith("["):
             return None
-        router, call, scheme, host = started
+        agent = current_agent()
+        if agent is None:
+            return None
+        router = agent.router
+        call = router.start(scheme, host, port, request.method, path, request.headers)
+        if call is None:
+            return None
         if call.handle is None:  # redirect / direct response
             local = _local_answer(request, call)
             if local is not None:
                 return local
-        plan = _Plan(request, router, call, scheme, host)
-        plan.fault = call.fault()
-        return plan
+        return _Plan(request, router, call, scheme, host)
     except MeshError as exc:
         raise _error(request, exc) from exc
     except Exception as exc:
@@ -335,23 +354,12 @@ def _prepare(request: Any, site: str) -> Any:
         return None
 
 
-def _begin(plan: Any, request: Any) -> Any:
-    """One attempt starts: its endpoint, the request aimed at it."""
-    try:
-        pick = plan.call.next_pick()
-        plan.aim(request, pick)
-    except MeshError as exc:
-        raise _error(request, exc) from exc
-    pick.started()
-    return pick
-
-
-def _end(plan: Any, pick: Any, response: Any, error: Optional[BaseException]) -> Optional[float]:
+def _end(plan: Any, response: Any, error: Optional[BaseException]) -> Optional[float]:
     """One attempt ended: report it; the delay before a retry, or None when done."""
     if error is not None:
         outcome = _outcome_from_error(error)
     else:
-        outcome = http_answer(response.status_code)
+        outcome = HTTP_ANSWERS[response.status_code]
     return plan.call.attempt_done(outcome)
 
 
@@ -369,12 +377,6 @@ async def _async_sleep(delay: float) -> None:
     import asyncio  # only async apps get here; httpx itself does not import asyncio
 
     await asyncio.sleep(delay)
-
-
-def _result(plan: Any, response: Any, error: Optional[BaseException]) -> Any:
-    if error is not None:
-        raise error
-    return response if plan.ops is None else plan.finish_response(response)
 
 
 def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
@@ -397,7 +399,7 @@ def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: 
             return aborted
     try:
         while True:
-            pick = _begin(plan, request)
+            plan.begin(request)
             response = error = None
             try:
                 if plan.mesh_tls is not None:
@@ -406,7 +408,7 @@ def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: 
                     response = wrapped(request, *args[1:], **kwargs)
             except BaseException as exc:
                 error = exc
-            delay = _end(plan, pick, response, error)
+            delay = _end(plan, response, error)
             if delay is None:
                 break
             if response is not None:
@@ -414,7 +416,9 @@ def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: 
             _time.sleep(delay)
     finally:
         plan.restore(request)
-    return _result(plan, response, error)
+    if error is not None:
+        raise error
+    return response if plan.ops is None else plan.finish_response(response)
 
 
 async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
@@ -437,7 +441,7 @@ async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ..
             return aborted
     try:
         while True:
-            pick = _begin(plan, request)
+            plan.begin(request)
             response = error = None
             try:
                 if plan.mesh_tls is not None:
@@ -446,7 +450,7 @@ async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ..
                     response = await wrapped(request, *args[1:], **kwargs)
             except BaseException as exc:
                 error = exc
-            delay = _end(plan, pick, response, error)
+            delay = _end(plan, response, error)
             if delay is None:
                 break
             if response is not None:
@@ -454,4 +458,6 @@ async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ..
             await _async_sleep(delay)
     finally:
         plan.restore(request)
-    return _result(plan, response, error)
+    if error is not None:
+        raise error
+    return response if plan.ops is None else plan.finish_response(response)

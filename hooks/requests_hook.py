@@ -33,7 +33,8 @@ import time as _time
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
 from meshpatch.routing.call import apply_header_ops
-from meshpatch.routing.outcome import OK, Outcome, http_answer
+from meshpatch.routing.outcome import HTTP_ANSWERS, OK, Outcome
+from meshpatch.security import of_pick
 
 from ._common import current_agent, is_patched, is_suppressed, mark_patched
 
@@ -44,11 +45,9 @@ TLS_HOST_ATTR = "_meshpatch_tls_host"
 #: The :class:`~meshpatch.security.client_tls.ClientTls` of an mTLS attempt.
 MESH_TLS_ATTR = "_meshpatch_mesh_tls"
 _SEND_ARGS = ("stream", "timeout", "verify", "cert", "proxies")
-_of_pick: Any = None
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
-_Plan = Tuple[str, Optional[str], Optional[str]]  # endpoint URL, Host to add, TLS host
 
 #: False on requests < 2.32 (no build_connection_pool_key_attributes): https
 #: calls then stay unrouted rather than fail certificate checks.
@@ -106,27 +105,6 @@ def _split(url: str) -> Optional[Tuple[str, str, Optional[int], int]]:
     return scheme, host, port, path_start
 
 
-def _start(request: Any, url: str) -> Optional[Tuple[Any, Any, str, str, Optional[int], int]]:
-    """Ask the router about one prepared request; None = leave it alone."""
-    parts = _split(url)
-    if parts is None:
-        return None
-    scheme, host, port, path_start = parts
-    if scheme == "https" and not _TLS_SUPPORTED:
-        return None
-    agent = current_agent()
-    if agent is None:
-        return None
-    path = url[path_start:] or "/"
-    fragment = path.find("#")
-    if fragment >= 0:
-        path = path[:fragment]
-    call = agent.router.start(scheme, host, port, request.method or "GET", path, request.headers)
-    if call is None:
-        return None
-    return agent.router, call, scheme, host, port, path_start
-
-
 def _local_response(request: Any, url: str, status: int, body: bytes = b"", headers: Optional[dict] = None) -> Any:
     """A response made here (direct response, redirect, fault abort), shaped like
     one from the network so Session.send, redirects and the app handle it as usual."""
@@ -173,53 +151,47 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
     if is_suppressed():
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
+    # One function for the whole routed call (besides _split and the core): on a
+    # real request path every Python call costs cache misses, not just its bytecode.
+    call = None
     try:
         lanes.outbound_http(request.headers)
         url = request.url
-        started = _start(request, url)
+        parts = _split(url)
+        if parts is not None:
+            scheme, host, port, path_start = parts
+            agent = current_agent()
+            if agent is not None and (scheme != "https" or _TLS_SUPPORTED):
+                path = url[path_start:] or "/"
+                fragment = path.find("#")
+                if fragment >= 0:
+                    path = path[:fragment]
+                router = agent.router
+                call = router.start(scheme, host, port, request.method or "GET", path, request.headers)
     except MeshError as exc:
         from requests.exceptions import ConnectionError
 
         raise ConnectionError(str(exc), request=request) from exc
     except Exception as exc:
         safety.internal_error("hooks.requests.send", exc)
+        call = None
+    if call is None:  # not in the mesh (or meshpatch failed): the original call
         return wrapped(*args, **kwargs)
-    if started is None:
-        return wrapped(*args, **kwargs)
-    router, call, scheme, host, port, path_start = started
+    policy = call.policy
     if call.handle is None:  # answered here: direct response or redirect
         kind = call.kind
         if kind == "direct":
-            return _local_response(request, url, call.policy.direct.status, call.policy.direct.body)
+            return _local_response(request, url, policy.direct.status, policy.direct.body)
         if kind == "redirect":
-            return _local_response(request, url, call.policy.redirect.code, b"", {"location": call.redirect_location()})
-    try:
-        return _forward(wrapped, args, kwargs, request, url, router, call, scheme, host, port, path_start)
-    except MeshError as exc:  # raised before an attempt is sent (no endpoint, circuit open)
-        from requests.exceptions import ConnectionError
-
-        raise ConnectionError(str(exc), request=request) from exc
-
-
-def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url: str, router: Any, call: Any,
-             scheme: str, host: str, port: Optional[int], path_start: int) -> Any:
-    policy = call.policy
-    fault = call.fault()
-    if fault is not None:
-        try:
-            if fault.delay:
-                _time.sleep(fault.delay)
-            if fault.abort_http is not None:
-                call.aborted(fault.abort_http)
-                return _local_response(request, url, fault.abort_http, b"fault filter abort")
-        finally:
-            fault.done()
+            return _local_response(request, url, policy.redirect.code, b"", {"location": call.redirect_location()})
     headers = request.headers
-    saved_headers = None
-    ops = call.header_ops()
-    if ops is not None:
-        saved_headers = headers.copy()
-        apply_header_ops(headers, ops.request_add, ops.request_remove)
+    saved_headers = ops = None
+    tail = url[path_start:]
+    if not call.plain:  # fault, header ops, rewrite, mirrors (RoutePolicy.plain)
+        shaped = _shape(request, url, router, call, scheme, tail)
+        if shaped.__class__ is not tuple:
+            return shaped  # fault filter abort
+        tail, ops, saved_headers = shaped
     # requests' CaseInsensitiveDict keeps (name, value) under the lower-cased
     # name; going to that store directly spares a KeyError per call on the miss
     store = getattr(headers, "_store", None)
@@ -237,13 +209,9 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             store["host"] = ("Host", value)
         else:
             headers["Host"] = value
-    tail = call.rewritten_path() or url[path_start:]
     tls_host = (policy.host_rewrite or host) if scheme == "https" else None
     body = request.body
-    replayable = body is None or isinstance(body, (bytes, str))
-    if policy.mirrors and replayable:
-        _mirror(router, call, request, scheme, tail)
-    if not replayable:
+    if body is not None and not isinstance(body, (bytes, str)):
         call.retries = 1 << 30  # a streamed body cannot be sent twice
     send_kwargs = kwargs
     response = None
@@ -251,29 +219,29 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     used_mesh_tls = False
     try:
         while True:
-            pick = call.next_pick()
-            attempt_timeout = call.attempt_timeout()
-            if attempt_timeout is not None:
-                send_kwargs = dict(kwargs)
-                send_kwargs["timeout"] = _bounded_timeout(kwargs.get("timeout"), attempt_timeout)
-            address = f"[{pick.address}]" if ":" in pick.address else pick.address
-            mesh_tls = _mesh_tls(pick)
-            if mesh_tls is not None:
-                request.url = f"https://{address}:{pick.port}{tail}"
-                setattr(request, MESH_TLS_ATTR, mesh_tls)
-                used_mesh_tls = True
-                attempt_args: Tuple[Any, ...] = ()
-                attempt_kwargs = _mesh_send_kwargs(args, send_kwargs)
-            else:
-                request.url = f"{scheme}://{address}:{pick.port}{tail}"
-                if tls_host is not None:
-                    setattr(request, TLS_HOST_ATTR, tls_host)
-                attempt_args, attempt_kwargs = args[1:], send_kwargs
-            pick.started()
+            pick = call.next_pick()  # raises NoHealthyUpstream; else the attempt has begun
             response = error = None
             try:
-                response = wrapped(request, *attempt_args, **attempt_kwargs)
-                outcome = http_answer(response.status_code)
+                if not call.plain:
+                    attempt_timeout = call.attempt_timeout()
+                    if attempt_timeout is not None:
+                        send_kwargs = dict(kwargs)
+                        send_kwargs["timeout"] = _bounded_timeout(kwargs.get("timeout"), attempt_timeout)
+                address = pick.address
+                if ":" in address:
+                    address = f"[{address}]"
+                mesh_tls = of_pick(pick)
+                if mesh_tls is not None:
+                    request.url = f"https://{address}:{pick.port}{tail}"
+                    setattr(request, MESH_TLS_ATTR, mesh_tls)
+                    used_mesh_tls = True
+                    response = wrapped(request, **_mesh_send_kwargs(args, send_kwargs))
+                else:
+                    request.url = f"{scheme}://{address}:{pick.port}{tail}"
+                    if tls_host is not None:
+                        setattr(request, TLS_HOST_ATTR, tls_host)
+                    response = wrapped(request, *args[1:], **send_kwargs)
+                outcome = HTTP_ANSWERS[response.status_code]
             except BaseException as exc:  # classified, reported, then re-raised below
                 error = exc
                 outcome = _outcome_from_error(exc)
@@ -283,6 +251,10 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
             if response is not None:
                 response.close()
             _time.sleep(delay)
+    except MeshError as exc:  # raised before an attempt was sent (no healthy endpoint)
+        from requests.exceptions import ConnectionError
+
+        raise ConnectionError(str(exc), request=request) from exc
     finally:
         request.url = url
         if tls_host is not None:
@@ -312,14 +284,30 @@ def _forward(wrapped: Any, args: Tuple[Any, ...], kwargs: Any, request: Any, url
     return response
 
 
-def _mesh_tls(pick: Any) -> Any:
-    """The cluster's mTLS material for this attempt, or None for plaintext."""
-    global _of_pick
-    if _of_pick is None:
-        from meshpatch.security.client_tls import of_pick
-
-        _of_pick = of_pick
-    return _of_pick(pick)
+def _shape(request: Any, url: str, router: Any, call: Any, scheme: str, tail: str) -> Any:
+    """The route's steps before the attempts, for calls that are not plain:
+    fault delay / abort (→ a local response), request header ops, path
+    rewrite, mirrors.  Returns the abort response or ``(tail, ops, saved_headers)``."""
+    fault = call.fault()
+    if fault is not None:
+        try:
+            if fault.delay:
+                _time.sleep(fault.delay)
+            if fault.abort_http is not None:
+                call.aborted(fault.abort_http)
+                return _local_response(request, url, fault.abort_http, b"fault filter abort")
+        finally:
+            fault.done()
+    saved_headers = None
+    ops = call.header_ops()
+    if ops is not None:
+        saved_headers = request.headers.copy()
+        apply_header_ops(request.headers, ops.request_add, ops.request_remove)
+    tail = call.rewritten_path() or tail
+    body = request.body
+    if call.policy.mirrors and (body is None or isinstance(body, (bytes, str))):
+        _mirror(router, call, request, scheme, tail)
+    return tail, ops, saved_headers
 
 
 def _mesh_send_kwargs(args: Tuple[Any, ...], kwargs: Any) -> Any:

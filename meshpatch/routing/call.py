@@ -54,7 +54,7 @@ class FaultDecision:
 class Call:
     __slots__ = (
         "scheme", "host", "port", "method", "path", "headers", "authority", "route", "policy", "handle",
-        "request_hash", "tried", "retries", "started", "deadline", "is_grpc", "_in_retry", "attempts",
+        "request_hash", "tried", "retries", "started", "deadline", "is_grpc", "_in_retry", "attempts", "plain",
         # telemetry (meshpatch.telemetry) and lanes (meshpatch.lanes); ``tel``: an OTel
         # provider was set when the call was routed (the tel_* fields exist only then)
         "pick", "tel", "tel_span", "tel_inner", "tel_open", "tel_done", "tel_lane",
@@ -84,6 +84,9 @@ class Call:
         action = route.action
         timeout = action.max_stream_duration if self.is_grpc and action.max_stream_duration > 0 else action.timeout
         self.deadline = self.started + timeout if timeout > 0 else None
+        #: nothing but pick, send and the retry decision: the hooks skip fault,
+        #: header ops, rewrites, mirrors and attempt timeouts (RoutePolicy.plain)
+        self.plain = self.policy.plain and timeout <= 0
 
     # -- what kind of call ------------------------------------------------
 
@@ -114,7 +117,11 @@ class Call:
 
     # -- attempts -----------------------------------------------------------
 
-    def next_pick(self) -> Pick:
+    def next_pick(self, begin: bool = True) -> Pick:
+        """Choose the next attempt's endpoint and (``begin``) count the attempt
+        as started: the hook sends right after, and must end it with
+        :meth:`attempt_done` / ``Pick.finished`` even when sending fails.
+        ``begin=False`` leaves ``Pick.started`` to the caller (Router.pick)."""
         handle = self.handle
         tried = self.tried
         if tried is not None and type(tried) is tuple:
@@ -138,6 +145,8 @@ class Call:
         self.attempts += 1
         pick = self.pick = Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, self.authority,
                                 self.route.name, endpoint, handle)
+        if begin:
+            handle.on_attempt_start(endpoint)
         if self.tel:
             telemetry.attempt_started(self)
         return pick
@@ -146,9 +155,14 @@ class Call:
         """The current attempt ended with ``outcome``: report it to the cluster
         and decide about a retry -- ``pick.finished``, :meth:`attempt_finished`
         and :meth:`retry_delay` in one step, for the hooks' attempt loops."""
-        self.pick.finished(outcome)
-        self.attempt_finished()
-        return self.retry_delay(outcome)
+        handle = self.handle
+        handle.on_attempt_end(self.pick.endpoint, outcome)  # = pick.finished, one call less
+        if self._in_retry:
+            self._in_retry = False
+            handle.retry_finished()
+        if self.tel:
+            return self.retry_delay(outcome)
+        return self._retry_delay(outcome)
 
     def attempt_finished(self) -> None:
         """Hooks call this after ``Pick.finished`` for every attempt."""
@@ -157,8 +171,11 @@ class Call:
             self.handle.retry_finished()
 
     def finish(self, outcome: Optional[Outcome]) -> None:
-        """The call ended after an attempt with ``outcome``, without asking
-        :meth:`retry_delay` (streams, futures, errors the hook re-raises)."""
+        """The current attempt ended with ``outcome`` and the call ends with it,
+        no retry considered (streams, futures, errors the hook re-raises, an
+        attempt that could not be sent)."""
+        self.pick.finished(outcome)
+        self.attempt_finished()
         if self.tel:
             telemetry.attempt_ended(self, outcome)
             telemetry.call_ended(self, outcome)

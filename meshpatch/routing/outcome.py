@@ -87,13 +87,20 @@ class Outcome:
 SUCCESS = Outcome(OK, 200)
 
 
-_HTTP_ANSWERS: dict = {}
+class _HttpAnswers(dict):
+    """status → the shared Outcome of an attempt answered with that HTTP status
+    (outcomes are never mutated): ``HTTP_ANSWERS[status]`` is a plain dict hit on
+    the request path, no Python call and no allocation; a new status is filled
+    in by ``__missing__``."""
+
+    def __missing__(self, status: int) -> Outcome:
+        outcome = self[status] = Outcome(OK, status)
+        return outcome
+
+
+HTTP_ANSWERS: dict = _HttpAnswers()
 
 
 def http_answer(status: int) -> Outcome:
-    """The Outcome of an attempt answered with HTTP ``status``, one shared object
-    per status (outcomes are never mutated): no allocation on the request path."""
-    outcome = _HTTP_ANSWERS.get(status)
-    if outcome is None:
-        outcome = _HTTP_ANSWERS[status] = Outcome(OK, status)
-    return outcome
+    """The shared Outcome of an attempt answered with HTTP ``status``."""
+    return HTTP_ANSWERS[status]

@@ -201,7 +201,7 @@ class Router:
             return None
         if call.handle is None:  # redirect / direct response: nothing to connect to
             raise NoRouteMatched(host, call.port, path)
-        return call.next_pick()
+        return call.next_pick(begin=False)
 
     def start(self, scheme: str, host: str, port: Optional[int], method: str, path: str, headers: Any = None) -> Optional[Call]:
         """Match the call's route; None = not in the mesh (make the original call).
@@ -257,9 +257,10 @@ class Router:
                         return call
                     raise NoRouteMatched(host, port, path)  # non-forwarding (server) route, or redirect for gRPC
                 handle = chooser.single or chooser.choose()
-                refused = handle.admit_request(multiplexed=scheme == "grpc")
-                if refused is not None:
-                    raise CircuitBreakerOpen(handle.name, refused)
+                if handle.in_flight >= handle.admit_floor:
+                    refused = handle.admit_request(multiplexed=scheme == "grpc")
+                    if refused is not None:
+                        raise CircuitBreakerOpen(handle.name, refused)
                 request_hash = None
                 if route.hash_policies:
                     request_hash = _request_hash(route.hash_policies, headers, scheme, method, path, target.authority,

@@ -55,7 +55,7 @@ class ClusterHandle:
 
     __slots__ = ("name", "config", "picker", "state", "eds_name", "users", "_client", "in_flight", "_eds", "_registry",
                  "_registry_key", "_registry_seen", "retries_active", "endpoints", "states", "tracker", "_lock",
-                 "_cache", "_breakers", "_seed", "_outlier_source", "_inner", "_slow_due", "_down_due", "__weakref__")
+                 "_cache", "_breakers", "admit_floor", "_seed", "_outlier_source", "_inner", "_slow_due", "_down_due", "__weakref__")
 
     # Slow-start ramps are stepped this often (a fraction of the window, at most 1 s apart).
     SLOW_START_STEPS = 50
@@ -82,6 +82,9 @@ class ClusterHandle:
         self._lock = threading.Lock()
         self._cache: Dict[Any, Any] = {}
         self._breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS
+        #: below this many calls in flight no circuit-breaker limit can refuse one:
+        #: the router asks admit_request only from here on
+        self.admit_floor = _admit_floor(DEFAULT_CIRCUIT_BREAKERS)
         self._seed = random.getrandbits(32)
         self._outlier_source: Any = None
         self._inner: Picker = self.picker
@@ -114,7 +117,9 @@ class ClusterHandle:
                         state.active -= 1
                     if tracker is not None and outcome is not None:
                         changed = tracker.on_result(state, outcome, self.states, now)
-                    if outcome is not None and _connectivity(state, outcome, now):
+                    # _connectivity can only act on a connect failure or an endpoint in backoff
+                    if outcome is not None and (state.down_until or outcome.kind == CONNECT_FAILURE) \
+                            and _connectivity(state, outcome, now):
                         changed = True
             if tracker is not None and now >= tracker.next_tick:
                 if tracker.tick(self.states, now) or changed:
@@ -167,6 +172,7 @@ class ClusterHandle:
             with self._lock:
                 self.config = value
                 self._breakers = value.circuit_breakers
+                self.admit_floor = _admit_floor(value.circuit_breakers)
                 now = time.monotonic()
                 self._configure_outlier_locked(now)
                 if self._eds is not None:
@@ -364,6 +370,10 @@ def _reset_handles_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_handles_after_fork)
+
+
+def _admit_floor(breakers: CircuitBreakers) -> int:
+    return min(breakers.max_requests, breakers.max_connections + breakers.max_pending_requests)
 
 
 def _connectivity(state: EndpointState, outcome: Any, now: float) -> bool:

@@ -14,6 +14,22 @@
 Nothing here is imported at interpreter start.
 """
 
+from typing import Any
+
+
+def of_pick(pick: Any) -> Any:
+    """The :class:`~.client_tls.ClientTls` for a picked endpoint's cluster, or
+    None (plaintext).  Lives here, not in :mod:`.client_tls`, so the hooks can
+    call it directly on every attempt without importing ssl material first."""
+    handle = pick.handle
+    config = handle.config if handle is not None else None
+    tls = config.tls if config is not None else None
+    if tls is None:
+        return None
+    from meshpatch.security.client_tls import client_tls
+
+    return client_tls(tls)
+
 
 def status() -> dict:
     """Certificate providers (generations, reloads, errors), managed gRPC server

@@ -191,17 +191,3 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def of_pick(pick: Any) -> Optional[ClientTls]:
-    """The mTLS material for a picked endpoint's cluster, or None (plaintext)."""
-    handle = pick.handle
-    if handle is None:
-        return None
-    config = handle.config
-    if config is None:
-        return None
-    tls = config.tls
-    if tls is None:
-        return None
-    return client_tls(tls)
