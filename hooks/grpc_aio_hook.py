@@ -116,11 +116,6 @@ class MeshAioChannel(RoutedChannelCore, grpc.aio.Channel):
     def _closed_error(self) -> Exception:
         return grpc.aio.UsageError("Channel is closed.")
 
-    def _start(self, method: str, metadata: Any) -> Any:
-        """The routed call for one RPC (None = not in the mesh); lets MeshError out
-        for the caller to turn into a failed call."""
-        return self._start_call(method, metadata)
-
     def _route(self, method: str, metadata: Any) -> _Key:
         return self._route_key(method, metadata)
 
@@ -178,7 +173,7 @@ class _Dispatch(DispatchCore):
         except Exception as exc:
             safety.internal_error("hooks.grpc_aio.lane", exc)
         try:
-            call = self._channel._start(self._method, kwargs.get("metadata"))
+            call = self._channel._start_call(self._method, kwargs.get("metadata"))  # lets MeshError out
             if call is None:
                 return self._callable(None)(request, **kwargs)
             if self._kind == "unary_unary" and (call.policy.retry is not None or call.policy.fault is not None):

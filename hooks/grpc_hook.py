@@ -144,13 +144,6 @@ class MeshChannel(RoutedChannelCore, grpc.Channel):
     def _closed_error(self) -> Exception:
         return ValueError("Cannot invoke RPC on closed channel!")
 
-    def _start(self, method: str, metadata: Any) -> Any:
-        """The routed call for one RPC (None = not in the mesh); the gRPC error for MeshError."""
-        try:
-            return self._start_call(method, metadata)
-        except MeshError as exc:
-            raise MeshRpcError(str(exc)) from exc
-
     def _route(self, method: str, metadata: Any) -> _Key:
         try:
             return self._route_key(method, metadata)
@@ -288,7 +281,10 @@ class _Dispatch(DispatchCore):
                 kwargs["metadata"] = with_lane
         except Exception as exc:
             safety.internal_error("hooks.grpc.lane", exc)
-        call = self._channel._start(self._method, kwargs.get("metadata"))
+        try:
+            call = self._channel._start_call(self._method, kwargs.get("metadata"))
+        except MeshError as exc:
+            raise MeshRpcError(str(exc)) from exc
         if call is None or call.plain:  # plain: no fault, no attempt timeout (RoutePolicy.plain)
             return call
         fault = call.fault()

@@ -216,12 +216,26 @@ with suppressed():
     except requests.exceptions.ConnectionError:
         out["suppressed"] = "ConnectionError"
 out["targets"] = sorted(get_agent().router.targets())
+# every attempt the hooks began was ended (cluster in-flight counts back to zero)
+def _accounting():
+    import time
+    from meshpatch.agent import get_agent
+    handles = get_agent().router.clusters._handles
+    deadline = time.monotonic() + 3
+    while True:
+        left = {{n: [h.in_flight, sum(s.active for s in h.states.values())] for n, h in list(handles.items())
+                if h.in_flight or any(s.active for s in h.states.values())}}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+out["unended_attempts"] = _accounting()
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_requests_routes_each_request(mesh: Mesh) -> None:
     r = mesh.run(REQUESTS_APP).result
+    assert r["unended_attempts"] == {}  # each begun attempt was reported ended
     assert_split(r["split"])
     assert r["connections"] == {"v1": 1, "v2": 1}  # keep-alive per endpoint
     assert set(r["module_get"]) == {"v1", "v2"} and sum(r["module_get"].values()) == 40
@@ -302,12 +316,26 @@ async def main_split():
 
 out["async_split"] = asyncio.run(main_split())
 out["async_tls"] = asyncio.run(main_tls())
+# every attempt the hooks began was ended (cluster in-flight counts back to zero)
+def _accounting():
+    import time
+    from meshpatch.agent import get_agent
+    handles = get_agent().router.clusters._handles
+    deadline = time.monotonic() + 3
+    while True:
+        left = {{n: [h.in_flight, sum(s.active for s in h.states.values())] for n, h in list(handles.items())
+                if h.in_flight or any(s.active for s in h.states.values())}}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+out["unended_attempts"] = _accounting()
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_httpx_routes_each_request_sync_and_async(mesh: Mesh) -> None:
     r = mesh.run(HTTPX_APP).result
+    assert r["unended_attempts"] == {}  # each begun attempt was reported ended
     assert_split(r["split"])
     assert r["connections"] == {"v1": 1, "v2": 1}
     assert set(r["module_get"]) == {"v1", "v2"}
@@ -403,6 +431,19 @@ except ValueError as exc:
 except grpc.RpcError as exc:
     out["after_close"] = str(exc.code())
 out["endpoints"] = endpoints
+# every attempt the hooks began was ended (cluster in-flight counts back to zero)
+def _accounting():
+    import time
+    from meshpatch.agent import get_agent
+    handles = get_agent().router.clusters._handles
+    deadline = time.monotonic() + 3
+    while True:
+        left = {{n: [h.in_flight, sum(s.active for s in h.states.values())] for n, h in list(handles.items())
+                if h.in_flight or any(s.active for s in h.states.values())}}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+out["unended_attempts"] = _accounting()
 print("RESULT " + json.dumps(out))
 """
 
@@ -445,8 +486,22 @@ async def main():
                 pass
         except grpc.aio.AioRpcError as exc:
             out["no_upstream_stream"] = str(exc.code())
+    await asyncio.sleep(0.3)  # the done-callbacks' reports run on this loop
+    out["unended_attempts"] = _accounting()
     return out
 
+# every attempt the hooks began was ended (cluster in-flight counts back to zero)
+def _accounting():
+    import time
+    from meshpatch.agent import get_agent
+    handles = get_agent().router.clusters._handles
+    deadline = time.monotonic() + 3
+    while True:
+        left = {{n: [h.in_flight, sum(s.active for s in h.states.values())] for n, h in list(handles.items())
+                if h.in_flight or any(s.active for s in h.states.values())}}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
 print("RESULT " + json.dumps(asyncio.run(main())))
 """
 
@@ -465,6 +520,7 @@ def _with_constants(code: str) -> str:
 
 def test_grpc_routes_each_rpc_on_one_channel(mesh: Mesh) -> None:
     r = mesh.run(_with_constants(GRPC_APP)).result
+    assert r["unended_attempts"] == {}  # each begun attempt was reported ended
     assert r["channel_type"] == [True, "MeshChannel"]
     assert_split(r["split"])
     assert r["authorities"] == [f"{REVIEWS}:7070"]
@@ -488,6 +544,7 @@ def test_grpc_routes_each_rpc_on_one_channel(mesh: Mesh) -> None:
 
 def test_grpc_aio_routes_each_rpc_on_one_channel(mesh: Mesh) -> None:
     r = mesh.run(_with_constants(GRPC_AIO_APP)).result
+    assert r["unended_attempts"] == {}  # each begun attempt was reported ended
     assert r["channel_type"] == [True, "MeshAioChannel"]
     assert_split(r["split"])
     assert r["authorities"] == [f"{REVIEWS}:7070"]
