@@ -13,10 +13,11 @@ calls in one process, one interpreter, one server:
 * ``mesh``: the mesh hostname, patched, routed by meshpatch.
 
 requests runs with ``trust_env = False`` in every mode (see main()).
-Alternating batches (in alternating order) cancel the drift that dominates cross-process comparisons
-on a shared 2-core machine.  Prints one JSON line: per library and mode the
-median of all per-call samples (microseconds), wall clock and the calling
-thread's CPU time.
+Short batches of the modes in shuffled order, compared round by round, cancel
+the drift that dominates cross-process comparisons on a shared 2-core machine.
+Prints one JSON line: per library and mode the median of all per-call samples
+(microseconds), wall clock and the calling thread's CPU time, and per pair of
+modes the median over rounds of the difference of their batch medians.
 
 Usage: meshpatch-run python bench/_ab_client.py IP NAME HTTP_PORT GRPC_PORT
        MESH_HTTP_URL MESH_GRPC_TARGET ROUNDS BATCH [with-name]
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import statistics
 import sys
 import time
@@ -134,17 +136,34 @@ def main() -> None:
         calls["requests"][mode] = in_turn([http_call(s.get, urls[mode]) for s in sessions])
         calls["httpx"][mode] = in_turn([http_call(c.get, urls[mode]) for c in http_clients])
         calls["grpc"][mode] = in_turn([grpc_call(u) for u in unaries])
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    out: Dict[str, Any] = {}
+    shuffle = random.Random(1).shuffle
     for lib, by_mode in calls.items():
         wall: Dict[str, List[float]] = {m: [] for m in modes}
         cpu: Dict[str, List[float]] = {m: [] for m in modes}
+        # per round, one mode's batch median minus another's of the same round:
+        # neighbours in time, so the machine's drift cancels pair by pair
+        pairs = [("mesh", "direct")] + ([("mesh", "name"), ("name", "direct")] if with_name else [])
+        paired: Dict[str, Dict[str, List[float]]] = {k: {f"{a}-{b}": [] for a, b in pairs} for k in ("wall", "cpu")}
         for mode in modes:  # warm-up: connections, pools, the first (waiting) mesh call
             batch(by_mode[mode], 200, [], [])
-        for index in range(rounds):
-            for mode in (modes if index % 2 == 0 else modes[::-1]):  # no mode always runs first
-                batch(by_mode[mode], size, wall[mode], cpu[mode])
+        order = list(modes)
+        for _ in range(rounds):
+            shuffle(order)  # no mode always runs first or after the same one
+            medians: Dict[str, Tuple[float, float]] = {}
+            for mode in order:
+                w: List[float] = []
+                c: List[float] = []
+                batch(by_mode[mode], size, w, c)
+                wall[mode].extend(w)
+                cpu[mode].extend(c)
+                medians[mode] = (statistics.median(w), statistics.median(c))
+            for a, b in pairs:
+                paired["wall"][f"{a}-{b}"].append(medians[a][0] - medians[b][0])
+                paired["cpu"][f"{a}-{b}"].append(medians[a][1] - medians[b][1])
         out[lib] = {"wall": {m: statistics.median(s) for m, s in wall.items()},
-                    "cpu": {m: statistics.median(s) for m, s in cpu.items()}}
+                    "cpu": {m: statistics.median(s) for m, s in cpu.items()},
+                    "paired": {k: {m: statistics.median(d) for m, d in by.items()} for k, by in paired.items()}}
     print(json.dumps(out))
 
 

@@ -149,8 +149,8 @@ def isolated_venvs(tmp: Path) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=40, help="alternations of the modes per library")
-    parser.add_argument("--batch", type=int, default=100, help="calls per mode per round")
+    parser.add_argument("--rounds", type=int, default=200, help="rounds (each mode once, shuffled) per library")
+    parser.add_argument("--batch", type=int, default=20, help="calls per mode per round")
     parser.add_argument("--startup-runs", type=int, default=40)
     args = parser.parse_args()
 
@@ -170,21 +170,25 @@ def main() -> None:
     grpc_server.stop(None)
 
     calls = args.rounds * args.batch
-    print(f"latency per call, loopback, keep-alive, one process alternating batches ({calls} calls per mode; "
-          "median, microseconds)")
+    print(f"latency per call, loopback, keep-alive, one process, {args.rounds} rounds of {args.batch}-call batches "
+          f"per mode in shuffled order ({calls} calls per mode; microseconds)")
     has_name = bool(hosts_file)
-    header = f"  {'library':9} {'':5} {'direct IP':>10} " + (f"{'by name':>9} " if has_name else "") + f"{'meshpatch':>10} {'added vs IP':>16}"
-    print(header + (f" {'added vs name':>16}" if has_name else ""))
+    print(f"  {'library':9} {'':5} {'direct IP':>10} " + (f"{'by name':>9} " if has_name else "") + f"{'meshpatch':>10}"
+          f" {'added vs IP':>18}" + (f" {'added vs name':>18}" if has_name else ""))
     for lib in ("requests", "httpx", "grpc"):
         for kind in ("wall", "cpu"):
             med = result[lib][kind]
+            paired = result[lib]["paired"][kind]
             d, m = med["direct"], med["mesh"]
             line = f"  {lib if kind == 'wall' else '':9} {kind:5} {d:10.1f} " + (f"{med['name']:9.1f} " if has_name else "")
-            line += f"{m:10.1f} {m - d:+8.1f} ({100 * (m - d) / d:+5.1f}%)"
+            added = paired["mesh-direct"]
+            line += f"{m:10.1f} {added:+10.1f} ({100 * added / d:+5.1f}%)"
             if has_name:
-                n = med["name"]
-                line += f" {m - n:+8.1f} ({100 * (m - n) / n:+5.1f}%)"
+                added = paired["mesh-name"]
+                line += f" {added:+10.1f} ({100 * added / med['name']:+5.1f}%)"
             print(line)
+    print("  direct IP / by name / meshpatch: median per call.  added: median over rounds of the difference between")
+    print("  two modes' batch medians in the same round (paired, so the machine's drift cancels).")
     print("  wall: latency by the clock; cpu: the calling thread's CPU time per call (client work only).")
     if has_name:
         print("  by name = the unpatched client calling the mesh hostname resolved by the system; the mesh column")
