@@ -85,30 +85,29 @@ class Pick:
     ``address``/``port`` are the endpoint to connect to; ``authority`` is the
     logical ``host[:port]`` the app asked for (used for Host / :authority and
     TLS server name); ``cluster`` and ``metadata`` describe the choice for
-    telemetry and later policies.
+    telemetry and later policies (read from the cluster handle and the
+    endpoint when asked: a pick references as few objects as it can, since
+    every reference taken on the request path touches that object's memory).
     """
 
-    __slots__ = ("address", "port", "cluster", "metadata", "authority", "route", "endpoint", "handle")
+    __slots__ = ("address", "port", "authority", "route", "endpoint", "handle")
 
-    def __init__(
-        self,
-        address: str,
-        port: int,
-        cluster: str,
-        metadata: Mapping[str, Any],
-        authority: str,
-        route: str = "",
-        endpoint: Any = None,
-        handle: Any = None,
-    ) -> None:
+    def __init__(self, address: str, port: int, authority: str, route: str = "", endpoint: Any = None,
+                 handle: Any = None) -> None:
         self.address = address
         self.port = port
-        self.cluster = cluster
-        self.metadata = metadata
         self.authority = authority
         self.route = route
         self.endpoint = endpoint
         self.handle = handle
+
+    @property
+    def cluster(self) -> str:
+        return self.handle.name if self.handle is not None else ""
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        return self.endpoint.metadata if self.endpoint is not None else {}
 
     def started(self) -> None:
         """The attempt to this endpoint begins (hooks call it right before sending)."""

@@ -17,6 +17,7 @@ from meshpatch.routing.model import Route, RouteAction, RouteMatch
 from meshpatch.routing.outcome import CONNECT_FAILURE, OK, RESET, TIMEOUT, Outcome
 from meshpatch.routing.route_policy import HashPolicy, RetryPolicy, RoutePolicy
 from meshpatch.routing.router import _request_hash
+from meshpatch.routing.target import CompiledRoute
 from meshpatch.xds.decode import decode_route_config
 from meshpatch.xds.decode_policy import route_policy
 
@@ -111,7 +112,7 @@ def _call(policy: RoutePolicy, scheme: str = "http", path: str = "/api/v1/x?q=1"
         def retry_finished(self) -> None:
             pass
 
-    return Call(scheme, "svc", 80, "GET", path, {}, "svc:80", route, Handle(), None)
+    return Call(scheme, "svc", 80, "GET", path, {}, "svc:80", CompiledRoute(route, None), Handle(), None)
 
 
 RETRY = RetryPolicy(retry_on=frozenset({"5xx"}), grpc_codes=frozenset({"UNAVAILABLE"}), num_retries=2,

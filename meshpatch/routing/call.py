@@ -53,7 +53,7 @@ class FaultDecision:
 
 class Call:
     __slots__ = (
-        "scheme", "host", "port", "method", "path", "headers", "authority", "route", "policy", "handle",
+        "scheme", "host", "port", "method", "path", "headers", "authority", "compiled", "policy", "handle",
         "request_hash", "tried", "retries", "started", "deadline", "is_grpc", "_in_retry", "attempts", "plain",
         # telemetry (meshpatch.telemetry) and lanes (meshpatch.lanes); ``tel``: an OTel
         # provider was set when the call was routed (the tel_* fields exist only then)
@@ -61,7 +61,8 @@ class Call:
     )
 
     def __init__(self, scheme: str, host: str, port: int, method: str, path: str, headers: Any, authority: str,
-                 route: Any, handle: Any, request_hash: Optional[int]) -> None:
+                 compiled: Any, handle: Any, request_hash: Optional[int]) -> None:
+        """``compiled``: the matched route's :class:`~meshpatch.routing.target.CompiledRoute`."""
         self.scheme = scheme
         self.host = host
         self.port = port
@@ -69,8 +70,8 @@ class Call:
         self.path = path  # as the app sent it, query included
         self.headers = headers
         self.authority = authority
-        self.route = route
-        self.policy = route.policy
+        self.compiled = compiled
+        self.policy = compiled.policy
         self.handle = handle
         self.request_hash = request_hash
         self.is_grpc = scheme == "grpc"
@@ -81,29 +82,35 @@ class Call:
         self.started = time.monotonic()
         self.pick: Optional[Pick] = None
         self.tel = False  # the router sets it (telemetry.routed), with the tel_* fields
-        action = route.action
-        timeout = action.max_stream_duration if self.is_grpc and action.max_stream_duration > 0 else action.timeout
-        self.deadline = self.started + timeout if timeout > 0 else None
-        #: nothing but pick, send and the retry decision: the hooks skip fault,
-        #: header ops, rewrites, mirrors and attempt timeouts (RoutePolicy.plain)
-        self.plain = self.policy.plain and timeout <= 0
+        timeout = compiled.grpc_timeout if self.is_grpc else compiled.timeout
+        if timeout > 0:
+            self.deadline = self.started + timeout
+            self.plain = False
+        else:
+            self.deadline = None
+            #: nothing but pick, send and the retry decision: the hooks skip fault,
+            #: header ops, rewrites, mirrors and attempt timeouts (RoutePolicy.plain)
+            self.plain = compiled.plain
 
     # -- what kind of call ------------------------------------------------
 
     @property
+    def route(self) -> Any:
+        """The matched :class:`~meshpatch.routing.model.Route`."""
+        return self.compiled.route
+
+    @property
     def kind(self) -> str:
         """``forward``, ``redirect`` or ``direct``."""
-        kind = self.route.action.kind
+        kind = self.compiled.action.kind
         return kind if kind in ("redirect", "direct") else "forward"
 
     @property
     def timeout(self) -> float:
         """Seconds for the whole call (0 = none).  gRPC uses max_stream_duration
         when set (A31); HTTP uses the route timeout."""
-        action = self.route.action
-        if self.is_grpc and action.max_stream_duration > 0:
-            return action.max_stream_duration
-        return action.timeout
+        compiled = self.compiled
+        return compiled.grpc_timeout if self.is_grpc else compiled.timeout
 
     def attempt_timeout(self) -> Optional[float]:
         """Timeout for the next attempt: per_try_timeout bounded by what is left
@@ -143,8 +150,7 @@ class Call:
         else:
             tried.add((endpoint.address, endpoint.port))
         self.attempts += 1
-        pick = self.pick = Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, self.authority,
-                                self.route.name, endpoint, handle)
+        pick = self.pick = Pick(endpoint.address, endpoint.port, self.authority, self.compiled.name, endpoint, handle)
         if begin:
             handle.on_attempt_start(endpoint)
         if self.tel:
@@ -347,8 +353,7 @@ class Call:
             if mirror.shadow_suffix:
                 host, _, port = authority.rpartition(":")
                 authority = f"{host}-shadow:{port}" if host else f"{authority}-shadow"
-            picks.append(Pick(endpoint.address, endpoint.port, handle.name, endpoint.metadata, authority,
-                              self.route.name, endpoint, handle))
+            picks.append(Pick(endpoint.address, endpoint.port, authority, self.compiled.name, endpoint, handle))
         return picks
 
 

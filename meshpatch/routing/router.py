@@ -252,7 +252,7 @@ class Router:
                 chooser = route.chooser
                 if chooser is None:
                     if route.action.kind in ("redirect", "direct") and scheme != "grpc":
-                        call = Call(scheme, host, port, method, path, headers, target.authority, route.route, None, None)
+                        call = Call(scheme, host, port, method, path, headers, target.authority, route, None, None)
                         call.tel = telemetry.routed(call, began, host)
                         return call
                     raise NoRouteMatched(host, port, path)  # non-forwarding (server) route, or redirect for gRPC
@@ -265,7 +265,7 @@ class Router:
                 if route.hash_policies:
                     request_hash = _request_hash(route.hash_policies, headers, scheme, method, path, target.authority,
                                                  self.source_ip)
-                call = Call(scheme, host, port, method, path, headers, target.authority, route.route, handle, request_hash)
+                call = Call(scheme, host, port, method, path, headers, target.authority, route, handle, request_hash)
                 probe = _IDLE_PROBE
                 if probe is None or probe[0]._TRACER_PROVIDER is not None or probe[1]._METER_PROVIDER is not None:
                     call.tel = telemetry.routed(call, began, host)  # an SDK is (or may be) set
