@@ -1,8 +1,8 @@
 """Cost of meshpatch's telemetry (and lane checks) on the pick path.
 
-
-
-of bench_pick.py (100 routes, 10k endpoints), served over real xDS.
+A routed call's life as the hooks drive it — ``Router.start`` → ``next_pick``
+(the attempt begins) → ``attempt_done`` (reported, retry decided) — against
+the realistic config of bench_pick.py (100 routes, 10k endpoints), served over real xDS.
 
 * ``no SDK``: opentelemetry-api installed, no SDK (the default for an app);
 * ``telemetry stubbed``: the same with meshpatch.telemetry's entry points
