@@ -2,11 +2,13 @@
 
 The router matches a request once and returns a :class:`Call`.  The hook then
 asks it, in Envoy's order: answer locally (direct response, redirect)?  inject a
-fault (delay, abort)?  which headers / path / host to send?  and runs the
-attempt loop: ``next_pick()`` → send → ``Pick.finished(outcome)`` →
-``retry_delay(outcome)``.  The library-specific parts (sending, building a
-response, mapping errors) stay in the hooks; every policy decision is here, so
-requests, httpx and grpc behave the same for the same xDS.
+fault (delay, abort)?  which headers / path / host to send?  (``call.plain``
+says in one test that there is none of that) and runs the attempt loop:
+``next_pick()`` (the attempt begins) → send → ``attempt_done(outcome)`` (the
+attempt is reported; a delay means retry) or ``finish(outcome)`` (the call ends
+with this attempt).  The library-specific parts (sending, building a response,
+mapping errors) stay in the hooks; every policy decision is here, so requests,
+httpx and grpc behave the same for the same xDS.
 """
 
 from __future__ import annotations
