@@ -6,7 +6,9 @@ makes the same unpatched requests call by name; all but the baseline first do
 one piece of meshpatch's work:
 
 * ``wrapt``:   the call through an adapter whose ``send`` and pool-key method are
-  wrapped by pass-through wrapt wrappers (the dispatch cost of the patch);
+  wrapped by pass-through wrapt wrappers (why meshpatch does not use wrapt there);
+* ``patch``:   the same with pass-through plain-function patches, as meshpatch
+  installs them (hooks._common.patch_request_method);
 * ``router``:  ``Router.start`` + ``next_pick`` + ``attempt_done`` (route match,
   pick, attempt accounting, retry decision);
 * ``hook``:    the requests hook's wrapper around a no-op send (router + URL /
@@ -51,6 +53,7 @@ def main() -> None:
 
     from meshpatch.agent import get_agent
     from meshpatch.hooks import requests_hook
+    from meshpatch.hooks._common import patch_request_method
     from meshpatch.routing.outcome import HTTP_ANSWERS
 
     def session(adapter_class: Any = None) -> Any:
@@ -69,8 +72,17 @@ def main() -> None:
     wrapped = type("Wrapped", (adapters.HTTPAdapter,), {
         "send": wrapt.FunctionWrapper(send, passthrough),
         "build_connection_pool_key_attributes": wrapt.FunctionWrapper(pool_key, passthrough)})
+    patched = type("Patched", (plain,), {})
+
+    def passthrough_method(original: Any) -> Any:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return original(self, *args, **kwargs)
+        return method
+
+    patch_request_method(patched, "send", passthrough_method)
+    patch_request_method(patched, "build_connection_pool_key_attributes", passthrough_method)
     sessions = {"plain": [session(plain) for _ in range(CLIENTS)], "wrapt": [session(wrapped) for _ in range(CLIENTS)],
-                "routed": [session() for _ in range(CLIENTS)]}
+                "patch": [session(patched) for _ in range(CLIENTS)], "routed": [session() for _ in range(CLIENTS)]}
     sessions["routed"][0].get(routed)  # the first routed call waits for xDS
     router = get_agent().router
     headers = requests.structures.CaseInsensitiveDict({"accept": "*/*"})
@@ -80,8 +92,10 @@ def main() -> None:
     prepared = requests.Request("GET", routed, headers={"accept": "*/*"}).prepare()
     no_op_adapter = adapters.HTTPAdapter()
 
-    def no_op_send(request: Any, *args: Any, **kwargs: Any) -> Any:
+    def no_op_send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         return response
+
+    routed_no_op = requests_hook._make_send(no_op_send)
 
     def router_work() -> None:
         call = router.start("http", name, 80, "GET", "/r", headers)
@@ -89,7 +103,7 @@ def main() -> None:
         call.attempt_done(answered)
 
     def hook_work() -> None:
-        requests_hook._send_wrapper(no_op_send, no_op_adapter, (prepared,), {"timeout": 5})
+        routed_no_op(no_op_adapter, prepared, timeout=5)
 
     def mode(kind: str, work: Callable[[], None] = None) -> Callable[[], None]:
         turn = itertools.cycle(sessions["plain" if work is not None or kind == "baseline" else kind])
@@ -102,7 +116,7 @@ def main() -> None:
             next(turn).get(url)
         return call
 
-    modes = {"baseline": mode("baseline"), "wrapt": mode("wrapt"), "router": mode("router", router_work),
+    modes = {"baseline": mode("baseline"), "wrapt": mode("wrapt"), "patch": mode("patch"), "router": mode("router", router_work),
              "hook": mode("hook", hook_work), "routed": mode("routed")}
     for call in modes.values():
         batch(call, 200, [], [])

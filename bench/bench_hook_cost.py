@@ -100,18 +100,18 @@ def requests_case() -> tuple:
     response = requests.Response()
     response.status_code = 200
 
-    def send(request: Any, *args: Any, **kwargs: Any) -> Any:
+    def send(adapter: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         return response
 
     adapter = HTTPAdapter()
     request = requests.Request("GET", f"http://{FQDN}/reviews/1", headers={"accept": "*/*"}).prepare()
-    wrapper = requests_hook._send_wrapper
+    routed_send = requests_hook._make_send(send)  # what HTTPAdapter.send is once patched, around the no-op
 
     def direct() -> Any:
-        return send(request, timeout=5)
+        return send(adapter, request, timeout=5)
 
     def mesh() -> Any:
-        return wrapper(send, adapter, (request,), {"timeout": 5})
+        return routed_send(adapter, request, timeout=5)
 
     assert mesh() is response and request.url == f"http://{FQDN}/reviews/1"
     return direct, mesh
@@ -126,17 +126,17 @@ def httpx_case() -> tuple:
     response = httpx.Response(200)
     transport = httpx.HTTPTransport()
 
-    def send(request: Any) -> Any:
+    def send(transport: Any, request: Any) -> Any:
         return response
 
     request = httpx.Request("GET", f"http://{FQDN}/reviews/1", headers={"accept": "*/*"})
-    wrapper = httpx_hook._handle_request
+    routed_send = httpx_hook._make_handle_request(send)  # HTTPTransport.handle_request once patched
 
     def direct() -> Any:
-        return send(request)
+        return send(transport, request)
 
     def mesh() -> Any:
-        return wrapper(send, transport, (request,), {})
+        return routed_send(transport, request)
 
     assert mesh() is response
     return direct, mesh

@@ -26,6 +26,7 @@ import bench_overhead as overhead  # noqa: E402
 
 PIECES = {
     "wrapt": "wrapt dispatch (send + pool-key wrappers, pass-through)",
+    "patch": "plain-function patches as meshpatch installs them (pass-through)",
     "router": "router: route match, pick, attempt accounting, retry decision",
     "hook": "requests hook around a no-op send (router + URL/Host rewrite)",
     "routed": "the whole routed call (= end-to-end added CPU)",

@@ -25,7 +25,7 @@ their connections alive; a rotation starts a new one for new connections.
 from __future__ import annotations
 
 import time as _time
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 from meshpatch import lanes, safety
 from meshpatch.api import MeshError
@@ -33,14 +33,12 @@ from meshpatch.routing.call import apply_header_ops
 from meshpatch.routing.outcome import HTTP_ANSWERS, LOCAL, OK, Outcome
 from meshpatch.security import of_pick
 
-from ._common import current_agent, is_patched, is_suppressed, mark_patched
+from ._common import current_agent, is_patched, is_suppressed, mark_patched, patch_request_method
 
 _SCHEMES = ("http", "https")
 
 
 def patch(module: Any) -> str:
-    import wrapt
-
     global _BYTE_STREAM, _PARSE_RESULT
     _BYTE_STREAM = getattr(module, "ByteStream", None)
     import sys
@@ -50,8 +48,8 @@ def patch(module: Any) -> str:
     async_transport = module.AsyncHTTPTransport
     if is_patched(sync_transport):
         return "already patched"
-    wrapt.wrap_function_wrapper(sync_transport, "handle_request", _handle_request)
-    wrapt.wrap_function_wrapper(async_transport, "handle_async_request", _handle_async_request)
+    patch_request_method(sync_transport, "handle_request", _make_handle_request)
+    patch_request_method(async_transport, "handle_async_request", _make_handle_async_request)
     mark_patched(sync_transport)
     mark_patched(async_transport)
     return f"httpx {getattr(module, '__version__', '?')}: HTTPTransport and AsyncHTTPTransport routed"
@@ -379,13 +377,28 @@ async def _async_sleep(delay: float) -> None:
     await asyncio.sleep(delay)
 
 
-def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
-    if is_suppressed() or getattr(instance, "_meshpatch_owned", False):
-        return wrapped(*args, **kwargs)
-    request = args[0] if args else kwargs.get("request")
+def _make_handle_request(original: Any) -> Any:
+    def handle_request(self: Any, request: Any) -> Any:
+        return _routed_handle(original, self, request)
+
+    return handle_request
+
+
+def _make_handle_async_request(original: Any) -> Any:
+    async def handle_async_request(self: Any, request: Any) -> Any:
+        return await _routed_handle_async(original, self, request)
+
+    return handle_async_request
+
+
+def _routed_handle(original: Any, transport: Any, request: Any) -> Any:
+    """``HTTPTransport.handle_request(request)`` through the mesh;
+    ``original(transport, request)`` is the unpatched method."""
+    if is_suppressed() or getattr(transport, "_meshpatch_owned", False):
+        return original(transport, request)
     plan = _prepare(request, "hooks.httpx.handle_request")
     if plan is None:
-        return wrapped(*args, **kwargs)
+        return original(transport, request)
     if not isinstance(plan, _Plan):
         return plan  # answered by the mesh
     if plan.fault is not None:
@@ -405,7 +418,7 @@ def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: 
                 if plan.mesh_tls is not None:
                     response = _mesh_transport(plan.mesh_tls).handle_request(request)
                 else:
-                    response = wrapped(request, *args[1:], **kwargs)
+                    response = original(transport, request)
             except BaseException as exc:
                 error = exc
             delay = _end(plan, response, error)
@@ -421,13 +434,12 @@ def _handle_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: 
     return response if plan.ops is None else plan.finish_response(response)
 
 
-async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
-    if is_suppressed() or getattr(instance, "_meshpatch_owned", False):
-        return await wrapped(*args, **kwargs)
-    request = args[0] if args else kwargs.get("request")
+async def _routed_handle_async(original: Any, transport: Any, request: Any) -> Any:
+    if is_suppressed() or getattr(transport, "_meshpatch_owned", False):
+        return await original(transport, request)
     plan = _prepare(request, "hooks.httpx.handle_async_request")
     if plan is None:
-        return await wrapped(*args, **kwargs)
+        return await original(transport, request)
     if not isinstance(plan, _Plan):
         return plan  # answered by the mesh
     if plan.fault is not None:
@@ -447,7 +459,7 @@ async def _handle_async_request(wrapped: Any, instance: Any, args: Tuple[Any, ..
                 if plan.mesh_tls is not None:
                     response = await _mesh_async_transport(plan.mesh_tls).handle_async_request(request)
                 else:
-                    response = await wrapped(request, *args[1:], **kwargs)
+                    response = await original(transport, request)
             except BaseException as exc:
                 error = exc
             delay = _end(plan, response, error)

@@ -36,7 +36,7 @@ from meshpatch.routing.call import apply_header_ops
 from meshpatch.routing.outcome import HTTP_ANSWERS, OK, Outcome
 from meshpatch.security import of_pick
 
-from ._common import current_agent, is_patched, is_suppressed, mark_patched
+from ._common import current_agent, is_patched, is_suppressed, mark_patched, patch_request_method
 
 #: Attribute carried by a PreparedRequest only while it is being sent to an
 #: endpoint; read by the pool-key wrapper (the request is the one object both
@@ -56,7 +56,6 @@ _TLS_SUPPORTED = True
 
 def patch(module: Any) -> str:
     """Install the wrappers once; return a one-line description for the status view."""
-    import wrapt
     from requests import adapters
 
     adapter = adapters.HTTPAdapter
@@ -65,9 +64,9 @@ def patch(module: Any) -> str:
     global _TLS_SUPPORTED
     tls = hasattr(adapter, "build_connection_pool_key_attributes")
     _TLS_SUPPORTED = tls
-    wrapt.wrap_function_wrapper(adapter, "send", _send_wrapper)
+    patch_request_method(adapter, "send", _make_send)
     if tls:
-        wrapt.wrap_function_wrapper(adapter, "build_connection_pool_key_attributes", _pool_key_wrapper)
+        patch_request_method(adapter, "build_connection_pool_key_attributes", _make_pool_key)
     mark_patched(adapter)
     version = getattr(module, "__version__", "?")
     if tls:
@@ -150,10 +149,18 @@ def _outcome_from_error(exc: BaseException) -> Any:
     return oc.Outcome(oc.LOCAL)
 
 
-def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
+def _make_send(original: Any) -> Any:
+    def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        return _routed_send(original, self, request, args, kwargs)
+
+    return send
+
+
+def _routed_send(original: Any, adapter: Any, request: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
+    """``HTTPAdapter.send(request, *args, **kwargs)`` through the mesh;
+    ``original(adapter, request, ...)`` is the unpatched method."""
     if is_suppressed():
-        return wrapped(*args, **kwargs)
-    request = args[0] if args else kwargs.get("request")
+        return original(adapter, request, *args, **kwargs)
     # One function for the whole routed call (besides the core's): on a
     # real request path every Python call costs cache misses, not just its bytecode.
     call = None
@@ -189,7 +196,7 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
         safety.internal_error("hooks.requests.send", exc)
         call = None
     if call is None:  # not in the mesh (or meshpatch failed): the original call
-        return wrapped(*args, **kwargs)
+        return original(adapter, request, *args, **kwargs)
     policy = call.policy
     if call.handle is None:  # answered here: direct response or redirect
         kind = call.kind
@@ -248,12 +255,12 @@ def _send_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: An
                     request.url = f"https://{address}:{pick.port}{tail}"
                     setattr(request, MESH_TLS_ATTR, mesh_tls)
                     used_mesh_tls = True
-                    response = wrapped(request, **_mesh_send_kwargs(args, send_kwargs))
+                    response = original(adapter, request, **_mesh_send_kwargs(args, send_kwargs))
                 else:
                     request.url = f"{scheme}://{address}:{pick.port}{tail}"
                     if tls_host is not None:
                         setattr(request, TLS_HOST_ATTR, tls_host)
-                    response = wrapped(request, *args[1:], **send_kwargs)
+                    response = original(adapter, request, *args, **send_kwargs)
                 outcome = HTTP_ANSWERS[response.status_code]
             except BaseException as exc:  # classified, reported, then re-raised below
                 error = exc
@@ -327,7 +334,7 @@ def _mesh_send_kwargs(args: Tuple[Any, ...], kwargs: Any) -> Any:
     """``HTTPAdapter.send`` arguments for an mTLS attempt: the app's stream /
     timeout / proxies, and ``verify=True, cert=None`` so requests puts no CA file
     or client certificate of the app's on the mesh connection."""
-    merged = dict(zip(_SEND_ARGS, args[1:]))
+    merged = dict(zip(_SEND_ARGS, args))
     merged.update(kwargs)
     merged["verify"] = True
     merged["cert"] = None
@@ -378,9 +385,16 @@ _MESH_DROPPED_POOL_KWARGS = ("ca_certs", "ca_cert_dir", "ca_cert_data", "cert_fi
                              "server_hostname", "assert_fingerprint")
 
 
-def _pool_key_wrapper(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
-    result = wrapped(*args, **kwargs)
-    request = args[0] if args else kwargs.get("request")
+def _make_pool_key(original: Any) -> Any:
+    def build_connection_pool_key_attributes(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        return _pool_key(request, original(self, request, *args, **kwargs))
+
+    return build_connection_pool_key_attributes
+
+
+def _pool_key(request: Any, result: Any) -> Any:
+    """The pool key of a routed https attempt: the logical name for SNI and the
+    certificate check, or the mesh's mTLS context."""
     mesh_tls = getattr(request, MESH_TLS_ATTR, None)
     if mesh_tls is not None:
         try:
