@@ -158,6 +158,23 @@ def assert_split(counts: Dict[str, int], total: int = CALLS) -> None:
     assert abs(counts.get("v1", 0) - V1_SHARE * total) <= TOLERANCE, counts
 
 
+#: Defined in each app: every attempt the hooks began was ended (the clusters'
+#: in-flight and per-endpoint active counts are back to zero).
+UNENDED_ATTEMPTS = """
+def _accounting():
+    import time
+    from meshpatch.agent import get_agent
+    handles = get_agent().router.clusters._handles
+    deadline = time.monotonic() + 3
+    while True:
+        left = {n: [h.in_flight, sum(s.active for s in h.states.values())] for n, h in list(handles.items())
+                if h.in_flight or any(s.active for s in h.states.values())}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+"""
+
+
 # -- requests ---------------------------------------------------------------------
 
 
@@ -216,18 +233,7 @@ with suppressed():
     except requests.exceptions.ConnectionError:
         out["suppressed"] = "ConnectionError"
 out["targets"] = sorted(get_agent().router.targets())
-# every attempt the hooks began was ended (cluster in-flight counts back to zero)
-def _accounting():
-    import time
-    from meshpatch.agent import get_agent
-    handles = get_agent().router.clusters._handles
-    deadline = time.monotonic() + 3
-    while True:
-        left = {{n: [h.in_flight, sum(s.active for s in h.states.values())] for n, h in list(handles.items())
-                if h.in_flight or any(s.active for s in h.states.values())}}
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.02)
+{UNENDED_ATTEMPTS}
 out["unended_attempts"] = _accounting()
 print("RESULT " + json.dumps(out))
 """
@@ -316,18 +322,7 @@ async def main_split():
 
 out["async_split"] = asyncio.run(main_split())
 out["async_tls"] = asyncio.run(main_tls())
-# every attempt the hooks began was ended (cluster in-flight counts back to zero)
-def _accounting():
-    import time
-    from meshpatch.agent import get_agent
-    handles = get_agent().router.clusters._handles
-    deadline = time.monotonic() + 3
-    while True:
-        left = {{n: [h.in_flight, sum(s.active for s in h.states.values())] for n, h in list(handles.items())
-                if h.in_flight or any(s.active for s in h.states.values())}}
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.02)
+{UNENDED_ATTEMPTS}
 out["unended_attempts"] = _accounting()
 print("RESULT " + json.dumps(out))
 """
@@ -431,18 +426,7 @@ except ValueError as exc:
 except grpc.RpcError as exc:
     out["after_close"] = str(exc.code())
 out["endpoints"] = endpoints
-# every attempt the hooks began was ended (cluster in-flight counts back to zero)
-def _accounting():
-    import time
-    from meshpatch.agent import get_agent
-    handles = get_agent().router.clusters._handles
-    deadline = time.monotonic() + 3
-    while True:
-        left = {{n: [h.in_flight, sum(s.active for s in h.states.values())] for n, h in list(handles.items())
-                if h.in_flight or any(s.active for s in h.states.values())}}
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.02)
+{UNENDED_ATTEMPTS}
 out["unended_attempts"] = _accounting()
 print("RESULT " + json.dumps(out))
 """
@@ -490,18 +474,7 @@ async def main():
     out["unended_attempts"] = _accounting()
     return out
 
-# every attempt the hooks began was ended (cluster in-flight counts back to zero)
-def _accounting():
-    import time
-    from meshpatch.agent import get_agent
-    handles = get_agent().router.clusters._handles
-    deadline = time.monotonic() + 3
-    while True:
-        left = {{n: [h.in_flight, sum(s.active for s in h.states.values())] for n, h in list(handles.items())
-                if h.in_flight or any(s.active for s in h.states.values())}}
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.02)
+{UNENDED_ATTEMPTS}
 print("RESULT " + json.dumps(asyncio.run(main())))
 """
 
