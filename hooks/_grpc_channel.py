@@ -17,8 +17,6 @@ from ._common import current_agent, is_suppressed
 from ._grpc_mtls import attempt_key, endpoints, open_subchannel
 from ._grpc_target import MeshTarget, endpoint_target, metadata_headers, parse_target, subchannel_options
 
-_NO_METADATA = metadata_headers(None)
-
 Key = Optional[Tuple[Any, ...]]  # endpoint (address, port[, tls]); None = the app's own target
 
 
@@ -81,8 +79,7 @@ class RoutedChannelCore:
             if agent is None:
                 return None
             mesh = self._mesh
-            headers = metadata_headers(metadata) if metadata else _NO_METADATA
-            return agent.router.start("grpc", mesh.host, mesh.port, "POST", method, headers)
+            return agent.router.start("grpc", mesh.host, mesh.port, "POST", method, metadata_headers(metadata))
         except Exception as exc:
             from meshpatch.api import MeshError
 

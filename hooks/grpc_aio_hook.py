@@ -158,7 +158,7 @@ class _Dispatch(DispatchCore):
                     kwargs = dict(kwargs)
                     timeout = kwargs.get("timeout")
                     kwargs["timeout"] = limit if timeout is None else min(timeout, limit)
-            rpc = (self._calls.get(key) or self._callable(key))(request, **kwargs)
+            rpc = self._callable(key)(request, **kwargs)
         except BaseException as exc:
             call.finish(grpc_hook.outcome_of(exc))
             raise

@@ -311,7 +311,7 @@ class _Dispatch(DispatchCore):
             raise MeshRpcError(str(exc)) from exc
         try:  # the attempt has begun: end it if it cannot be sent
             key = attempt_key(pick)
-            target = self._calls.get(key) or self._callable(key)
+            target = self._callable(key)
             if not call.plain:
                 limit = call.attempt_timeout()
                 if limit is not None:

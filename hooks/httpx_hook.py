@@ -127,7 +127,7 @@ class _Plan:
         policy = call.policy
         host_rewrite = policy.host_rewrite
         self.tls_host = (host_rewrite or host) if scheme == "https" else None
-        self.saved_extensions = None  # copied before the first change (aim)
+        self.saved_extensions = None  # copied before the first change (begin)
         self.saved_headers = None
         self.mesh_tls: Any = None
         byte_stream = _BYTE_STREAM
@@ -138,24 +138,22 @@ class _Plan:
         replayable = isinstance(request.stream, byte_stream)
         if not replayable:
             call.retries = 1 << 30  # a streamed body cannot be sent twice
-        if call.plain:  # no fault, header ops, rewrite or mirror (RoutePolicy.plain)
-            self.raw_path = self.ops = self.fault = None
-            if host_rewrite:
-                self.saved_headers = request.headers.copy()
-                request.headers["Host"] = host_rewrite
-            return
-        rewritten = call.rewritten_path()
-        self.raw_path = rewritten.encode("ascii") if rewritten is not None else None
-        self.ops = call.header_ops()
+        self.raw_path = self.ops = self.fault = None
+        if not call.plain:  # fault, header ops, rewrite, mirrors (RoutePolicy.plain)
+            rewritten = call.rewritten_path()
+            if rewritten is not None:
+                self.raw_path = rewritten.encode("ascii")
+            self.ops = call.header_ops()
         if self.ops is not None or host_rewrite:
             self.saved_headers = request.headers.copy()
             if self.ops is not None:
                 apply_header_ops(request.headers, self.ops.request_add, self.ops.request_remove)
             if host_rewrite:
                 request.headers["Host"] = host_rewrite
-        if policy.mirrors and replayable:
-            _mirror(router, call, request, self.raw_path)
-        self.fault = call.fault()
+        if not call.plain:
+            if policy.mirrors and replayable:
+                _mirror(router, call, request, self.raw_path)
+            self.fault = call.fault()
 
     def begin(self, request: Any) -> Any:
         """One attempt starts: its endpoint (the attempt counted as begun), the

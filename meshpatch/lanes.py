@@ -208,9 +208,6 @@ def outbound_http(headers: Any) -> None:
     unless the app set a lane header itself.  One ContextVar read when no lane."""
     lane = _LANE.get()
     if lane is None:
-        read = _CURRENT_CONTEXT  # an empty OTel Context has no baggage: the common
-        if read is not None and not read():  # case, decided without calling _baggage_lane
-            return
         lane = _baggage_lane()
         if lane is None:
             return
@@ -229,9 +226,6 @@ def outbound_grpc(metadata: Any) -> Any:
     the app set the lane header itself."""
     lane = _LANE.get()
     if lane is None:
-        read = _CURRENT_CONTEXT
-        if read is not None and not read():
-            return metadata
         lane = _baggage_lane()
         if lane is None:
             return metadata

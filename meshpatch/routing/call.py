@@ -163,11 +163,8 @@ class Call:
         """The current attempt ended with ``outcome``: report it to the cluster
         and decide about a retry -- ``pick.finished``, :meth:`attempt_finished`
         and :meth:`retry_delay` in one step, for the hooks' attempt loops."""
-        handle = self.handle
-        handle.on_attempt_end(self.pick.endpoint, outcome)  # = pick.finished, one call less
-        if self._in_retry:
-            self._in_retry = False
-            handle.retry_finished()
+        self.pick.finished(outcome)
+        self.attempt_finished()
         if self.tel:
             return self.retry_delay(outcome)
         return self._retry_delay(outcome)

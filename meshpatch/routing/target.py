@@ -117,9 +117,7 @@ class ClusterHandle:
                         state.active -= 1
                     if tracker is not None and outcome is not None:
                         changed = tracker.on_result(state, outcome, self.states, now)
-                    # _connectivity can only act on a connect failure or an endpoint in backoff
-                    if outcome is not None and (state.down_until or outcome.kind == CONNECT_FAILURE) \
-                            and _connectivity(state, outcome, now):
+                    if outcome is not None and _connectivity(state, outcome, now):
                         changed = True
             if tracker is not None and now >= tracker.next_tick:
                 if tracker.tick(self.states, now) or changed:
