@@ -49,6 +49,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from meshpatch.internal import suppress_current_context, suppressed
 from meshpatch.security import providers
 from meshpatch.security.model import UpstreamTls
+from meshpatch.xds.server_stream import pump_requests
 
 log = logging.getLogger("meshpatch.security")
 
@@ -289,19 +290,7 @@ class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         with owner._lock:
             owner._streams.append(stream)
             owner.streams_opened += 1
-        context.add_callback(lambda: stream.events.put(_END))
-
-        def read() -> None:
-            suppress_current_context()
-            try:
-                for request in request_iterator:
-                    stream.events.put(request)
-            except Exception:
-                pass
-            finally:
-                stream.events.put(_END)
-
-        threading.Thread(target=read, name="meshpatch-local-xds-reader", daemon=True).start()
+        pump_requests(request_iterator, context, stream.events, _END, "meshpatch-local-xds-reader")
         try:
             while True:
                 event = stream.events.get()

@@ -33,6 +33,7 @@ from concurrent import futures
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from meshpatch.internal import suppress_current_context
+from meshpatch.xds.server_stream import pump_requests
 from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS, SHORT_NAMES
 
 log = logging.getLogger("meshpatch.xds")
@@ -155,19 +156,7 @@ class RelayServer:
         with self._lock:
             self._streams.add(stream)
             self.streams_opened += 1
-        context.add_callback(lambda: stream.events.put(_END))
-
-        def read() -> None:
-            suppress_current_context()
-            try:
-                for request in request_iterator:
-                    stream.events.put(request)
-            except Exception:  # cancelled / follower gone: the stream is over
-                pass
-            finally:
-                stream.events.put(_END)
-
-        threading.Thread(target=read, name=f"meshpatch-relay-reader-{stream.id}", daemon=True).start()
+        pump_requests(request_iterator, context, stream.events, _END, f"meshpatch-relay-reader-{stream.id}")
         try:
             while True:
                 event = stream.events.get()
