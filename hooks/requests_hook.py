@@ -161,8 +161,6 @@ def _routed_send(original: Any, adapter: Any, request: Any, args: Tuple[Any, ...
     ``original(adapter, request, ...)`` is the unpatched method."""
     if is_suppressed():
         return original(adapter, request, *args, **kwargs)
-    # One function for the whole routed call (besides the core's): on a
-    # real request path every Python call costs cache misses, not just its bytecode.
     call = None
     try:
         lanes.outbound_http(request.headers)

@@ -155,9 +155,9 @@ class RoutePolicy:
     cluster_header_ops: Tuple[Tuple[str, HeaderOps], ...] = field(default_factory=tuple)
     #: Nothing to do for a forwarded call besides picking and the retry decision:
     #: no fault, header mutation, rewrite, mirror or per-try timeout.  Computed
-    #: once here so the hooks skip those steps with one test per call (each
-    #: skipped step is a Python call, and on a real request path every call
-    #: costs cache misses, not just its instructions).
+    #: once here so the hooks skip those steps with one test per call: each step
+    #: reads policy objects, and between two real requests every object read is
+    #: a likely cache miss (bench/bench_in_situ.py).
     plain: bool = field(init=False, default=False, compare=False)
 
     def __post_init__(self) -> None:
