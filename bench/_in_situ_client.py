@@ -9,7 +9,7 @@ one piece of meshpatch's work:
   wrapped by pass-through wrapt wrappers (why meshpatch does not use wrapt there);
 * ``patch``:   the same with pass-through plain-function patches, as meshpatch
   installs them (hooks._common.patch_request_method);
-* ``router``:  ``Router.start`` + ``next_pick`` + ``attempt_done`` (route match,
+* ``router``:  ``Router.start`` + ``next_endpoint`` + ``attempt_done`` (route match,
   pick, attempt accounting, retry decision);
 * ``hook``:    the requests hook's wrapper around a no-op send (router + URL /
   Host rewriting and restoring);
@@ -99,7 +99,7 @@ def main() -> None:
 
     def router_work() -> None:
         call = router.start("http", name, 80, "GET", "/r", headers)
-        call.next_pick()
+        call.next_endpoint()
         call.attempt_done(answered)
 
     def hook_work() -> None:

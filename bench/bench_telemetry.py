@@ -1,6 +1,6 @@
 """Cost of meshpatch's telemetry (and lane checks) on the pick path.
 
-A routed call's life as the hooks drive it — ``Router.start`` → ``next_pick``
+A routed call's life as the hooks drive it — ``Router.start`` → ``next_endpoint``
 (the attempt begins) → ``attempt_done`` (reported, retry decided) — against
 the realistic config of bench_pick.py (100 routes, 10k endpoints), served over real xDS.
 
@@ -45,7 +45,7 @@ def lifecycle(router: Any, headers: Dict[str, str]) -> Callable[[], None]:
 
     def one() -> None:
         call = start("http", "bench", 80, "GET", "/reviews/1", headers)
-        call.next_pick()  # the attempt begins
+        call.next_endpoint()  # the attempt begins
         call.attempt_done(SUCCESS)  # ends: reported, retry decided
 
     return one
@@ -79,7 +79,7 @@ class Stubbed:
 
 def per_function(router: Any, headers: Dict[str, str]) -> Dict[str, float]:
     call = router.start("http", "bench", 80, "GET", "/reviews/1", headers)
-    call.next_pick(begin=False)
+    call.next_endpoint(begin=False)
     perf_counter = router_module.perf_counter
     cases = {
         "2 x perf_counter (Router.start)": lambda: (perf_counter(), perf_counter()),
@@ -124,7 +124,7 @@ def main() -> None:
     # Without an SDK a call consults telemetry once (routed says no provider is
     # set); the other entry points run only for calls routed while one is set.
     total = functions["2 x perf_counter (Router.start)"] + functions["routed"]
-    print("routed call life cycle (start, next_pick, attempt_done), 100 routes, 10k endpoints")
+    print("routed call life cycle (start, next_endpoint, attempt_done), 100 routes, 10k endpoints")
     print(f"  no SDK            : median {real_median:.2f} us/call")
     print(f"  telemetry stubbed : median {stub_median:.2f} us/call  -> telemetry adds {real_median - stub_median:.2f} us "
           "beyond the bare calls")

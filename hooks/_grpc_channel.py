@@ -93,7 +93,8 @@ class RoutedChannelCore:
         call = self._start_call(method, metadata)
         if call is None:
             return None
-        return attempt_key(call.next_pick(begin=False))
+        call.next_endpoint(begin=False)
+        return attempt_key(call)
 
     def _channel_for(self, key: Key) -> Any:
         if key is None:

@@ -15,11 +15,14 @@ from typing import Any, Callable, List, Sequence, Tuple
 from meshpatch.security import of_pick
 
 
-def attempt_key(pick: Any) -> Tuple[Any, ...]:
-    mesh_tls = of_pick(pick)
+def attempt_key(call: Any) -> Tuple[Any, ...]:
+    """Which sub-channel a routed call's current attempt uses: its endpoint, and
+    the cluster's mTLS identity when the cluster has one."""
+    endpoint = call.endpoint
+    mesh_tls = of_pick(call)
     if mesh_tls is None:
-        return (pick.address, pick.port)
-    return (pick.address, pick.port, mesh_tls)
+        return (endpoint.address, endpoint.port)
+    return (endpoint.address, endpoint.port, mesh_tls)
 
 
 def open_subchannel(key: Tuple[Any, ...], options: Sequence[Tuple[str, Any]],

@@ -148,10 +148,10 @@ class _Dispatch(DispatchCore):
     __slots__ = ()
 
     def _attempt(self, call: Any, request: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
-        """Start one attempt: (pick, the real aio call)."""
-        pick = call.next_pick()  # the attempt has begun: end it if it cannot be sent
+        """Start one attempt: the real aio call."""
+        call.next_endpoint()  # the attempt has begun: end it if it cannot be sent
         try:
-            key = attempt_key(pick)
+            key = attempt_key(call)
             if not call.plain:
                 limit = call.attempt_timeout()
                 if limit is not None:
@@ -162,7 +162,7 @@ class _Dispatch(DispatchCore):
         except BaseException as exc:
             call.finish(grpc_hook.outcome_of(exc))
             raise
-        return pick, rpc
+        return rpc
 
     def __call__(self, request: Any = None, **kwargs: Any) -> Any:
         metadata = kwargs.get("metadata")
@@ -185,14 +185,14 @@ class _Dispatch(DispatchCore):
                 if error is not None:
                     call.aborted(error.code().name)
                     return FailedAioCall(error.details(), error.code())
-            pick, rpc = self._attempt(call, request, kwargs)
+            rpc = self._attempt(call, request, kwargs)
         except MeshError as exc:
             return FailedAioCall(str(exc))
-        _report_when_done(rpc, pick, call)
+        _report_when_done(rpc, call)
         return rpc
 
 
-def _report_when_done(rpc: Any, pick: Any, call: Any) -> None:
+def _report_when_done(rpc: Any, call: Any) -> None:
     def done(_: Any) -> None:
         async def finish() -> None:
             try:
@@ -254,7 +254,7 @@ class _UnaryCall:
                 fault.done()
         while True:
             try:
-                pick, rpc = self._dispatch._attempt(call, self._request, self._kwargs)
+                rpc = self._dispatch._attempt(call, self._request, self._kwargs)
             except MeshError as exc:
                 self._error = FailedAioCall(str(exc))._error()
                 raise self._error from exc

@@ -239,7 +239,7 @@ def fault_error(fault: Any) -> Optional["MeshRpcError"]:
     return None
 
 
-def report_when_done(rpc: Any, pick: Any, call: Any) -> Any:
+def report_when_done(rpc: Any, call: Any) -> Any:
     """For calls that return before they end (futures, streams): report the
     outcome to the cluster when the RPC terminates."""
 
@@ -302,15 +302,15 @@ class _Dispatch(DispatchCore):
                 fault.done()
         return call
 
-    def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any], Any]:
-        """The next attempt begins: its pick, its call arguments and the real
+    def _pick(self, call: Any, kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
+        """The next attempt begins: its call arguments and the real
         multicallable for its endpoint."""
         try:
-            pick = call.next_pick()
+            call.next_endpoint()
         except MeshError as exc:
             raise MeshRpcError(str(exc)) from exc
         try:  # the attempt has begun: end it if it cannot be sent
-            key = attempt_key(pick)
+            key = attempt_key(call)
             target = self._callable(key)
             if not call.plain:
                 limit = call.attempt_timeout()
@@ -320,7 +320,7 @@ class _Dispatch(DispatchCore):
         except BaseException as exc:
             call.finish(outcome_of(exc))
             raise
-        return pick, kwargs, target
+        return kwargs, target
 
     def _blocking(self, how: str, request: Any, kwargs: Dict[str, Any], retry: bool) -> Any:
         """A blocking call: attempts with retries, as Envoy/gRPC A44 do."""
@@ -331,7 +331,7 @@ class _Dispatch(DispatchCore):
         if not retry:
             call.retries = 1 << 30
         while True:
-            pick, attempt_kwargs, target = self._pick(call, kwargs)
+            attempt_kwargs, target = self._pick(call, kwargs)
             error = None
             try:
                 result = target(request, **attempt_kwargs) if how == "__call__" else getattr(target, how)(request, **attempt_kwargs)
@@ -357,14 +357,14 @@ class _Dispatch(DispatchCore):
         if call is None:
             target = self._callable(None)
             return target(request, **kwargs) if how is None else getattr(target, how)(request, **kwargs)
-        pick, attempt_kwargs, target = self._pick(call, kwargs)
+        attempt_kwargs, target = self._pick(call, kwargs)
         try:
             rpc = target(request, **attempt_kwargs) if how is None else getattr(target, how)(request, **attempt_kwargs)
         except BaseException as exc:
             outcome = outcome_of(exc)
             call.finish(outcome)
             raise
-        return report_when_done(rpc, pick, call)
+        return report_when_done(rpc, call)
 
 
 class _Blocking(_Dispatch):

@@ -159,17 +159,17 @@ class _Plan:
         """One attempt starts: its endpoint (the attempt counted as begun), the
         request aimed at it."""
         try:
-            pick = self.call.next_pick()
+            endpoint = self.call.next_endpoint()
         except MeshError as exc:
             raise _error(request, exc) from exc
         try:
-            self.mesh_tls = mesh_tls = of_pick(pick)
+            self.mesh_tls = mesh_tls = of_pick(self.call)
             if mesh_tls is not None:
                 self._save_extensions(request)
-                request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path, "https")
+                request.url = _endpoint_url(self.url, endpoint.address, endpoint.port, self.raw_path, "https")
                 request.extensions.pop("sni_hostname", None)
             else:
-                request.url = _endpoint_url(self.url, pick.address, pick.port, self.raw_path)
+                request.url = _endpoint_url(self.url, endpoint.address, endpoint.port, self.raw_path)
                 if self.tls_host is not None:
                     self._save_extensions(request)
                     request.extensions["sni_hostname"] = self.tls_host
@@ -185,7 +185,7 @@ class _Plan:
         except BaseException:  # the attempt began: end it before the error leaves
             self.call.finish(_LOCAL_FAILURE)
             raise
-        return pick
+        return endpoint
 
     def _save_extensions(self, request: Any) -> None:
         if self.saved_extensions is None:

@@ -44,7 +44,13 @@ from ._common import current_agent, is_patched, is_suppressed, mark_patched, pat
 TLS_HOST_ATTR = "_meshpatch_tls_host"
 #: The :class:`~meshpatch.security.client_tls.ClientTls` of an mTLS attempt.
 MESH_TLS_ATTR = "_meshpatch_mesh_tls"
-_SEND_ARGS = ("stream", "timeout", "verify", "cert", "proxies")
+
+#: ``HTTPAdapter.send`` / ``build_connection_pool_key_attributes`` as every
+#: requests 2.x defines them (parameter names, then defaults).  The patches
+#: take exactly these parameters, so a call binds straight to them and is passed
+#: on positionally: no ``*args``/``**kwargs`` tuple and dict built twice per call.
+_SEND_SIGNATURE = (("self", "request", "stream", "timeout", "verify", "cert", "proxies"), (False, None, True, None, None))
+_POOL_KEY_SIGNATURE = (("self", "request", "verify", "cert"), (None,))
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -54,6 +60,22 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _TLS_SUPPORTED = True
 
 
+def _signature(owner: type, name: str) -> Any:
+    """(parameter names, defaults) of ``owner.<name>`` as requests defines it,
+    under any wrappers another instrumentation put around it (they follow
+    ``__wrapped__`` and take what the original takes); None if absent."""
+    method = getattr(owner, name, None)
+    for _ in range(8):
+        inner = getattr(method, "__wrapped__", None)
+        if inner is None:
+            break
+        method = inner
+    code = getattr(method, "__code__", None)
+    if code is None:
+        return None
+    return code.co_varnames[: code.co_argcount], getattr(method, "__defaults__", None)
+
+
 def patch(module: Any) -> str:
     """Install the wrappers once; return a one-line description for the status view."""
     from requests import adapters
@@ -61,14 +83,17 @@ def patch(module: Any) -> str:
     adapter = adapters.HTTPAdapter
     if is_patched(adapter):
         return "already patched"
+    version = getattr(module, "__version__", "?")
+    if _signature(adapter, "send") != _SEND_SIGNATURE:
+        # never guess how to call an unknown send: the app's calls stay untouched
+        return f"requests {version}: HTTPAdapter.send has parameters meshpatch does not know; not routed"
     global _TLS_SUPPORTED
-    tls = hasattr(adapter, "build_connection_pool_key_attributes")
+    tls = _signature(adapter, "build_connection_pool_key_attributes") == _POOL_KEY_SIGNATURE
     _TLS_SUPPORTED = tls
     patch_request_method(adapter, "send", _make_send)
     if tls:
         patch_request_method(adapter, "build_connection_pool_key_attributes", _make_pool_key)
     mark_patched(adapter)
-    version = getattr(module, "__version__", "?")
     if tls:
         return f"requests {version}: HTTPAdapter.send routed (http and https)"
     return f"requests {version}: HTTPAdapter.send routed (http only: this requests has no pool-key hook for TLS names)"
@@ -150,17 +175,19 @@ def _outcome_from_error(exc: BaseException) -> Any:
 
 
 def _make_send(original: Any) -> Any:
-    def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return _routed_send(original, self, request, args, kwargs)
+    def send(self: Any, request: Any, stream: Any = False, timeout: Any = None, verify: Any = True, cert: Any = None,
+             proxies: Any = None) -> Any:
+        return _routed_send(original, self, request, stream, timeout, verify, cert, proxies)
 
     return send
 
 
-def _routed_send(original: Any, adapter: Any, request: Any, args: Tuple[Any, ...], kwargs: Any) -> Any:
-    """``HTTPAdapter.send(request, *args, **kwargs)`` through the mesh;
-    ``original(adapter, request, ...)`` is the unpatched method."""
+def _routed_send(original: Any, adapter: Any, request: Any, stream: Any, timeout: Any, verify: Any, cert: Any,
+                 proxies: Any) -> Any:
+    """``HTTPAdapter.send`` through the mesh; ``original(adapter, request,
+    stream, timeout, verify, cert, proxies)`` is the unpatched method."""
     if is_suppressed():
-        return original(adapter, request, *args, **kwargs)
+        return original(adapter, request, stream, timeout, verify, cert, proxies)
     call = None
     try:
         lanes.outbound_http(request.headers)
@@ -194,7 +221,7 @@ def _routed_send(original: Any, adapter: Any, request: Any, args: Tuple[Any, ...
         safety.internal_error("hooks.requests.send", exc)
         call = None
     if call is None:  # not in the mesh (or meshpatch failed): the original call
-        return original(adapter, request, *args, **kwargs)
+        return original(adapter, request, stream, timeout, verify, cert, proxies)
     policy = call.policy
     if call.handle is None:  # answered here: direct response or redirect
         kind = call.kind
@@ -231,34 +258,34 @@ def _routed_send(original: Any, adapter: Any, request: Any, args: Tuple[Any, ...
     body = request.body
     if body is not None and not isinstance(body, (bytes, str)):
         call.retries = 1 << 30  # a streamed body cannot be sent twice
-    send_kwargs = kwargs
+    attempt_timeout = timeout
     response = None
     error: Optional[BaseException] = None
     used_mesh_tls = False
     try:
         while True:
-            pick = call.next_pick()  # raises NoHealthyUpstream; else the attempt has begun
+            endpoint = call.next_endpoint()  # raises NoHealthyUpstream; else the attempt has begun
             response = error = None
             try:
                 if not call.plain:
-                    attempt_timeout = call.attempt_timeout()
-                    if attempt_timeout is not None:
-                        send_kwargs = dict(kwargs)
-                        send_kwargs["timeout"] = _bounded_timeout(kwargs.get("timeout"), attempt_timeout)
-                address = pick.address
+                    limit = call.attempt_timeout()
+                    if limit is not None:
+                        attempt_timeout = _bounded_timeout(timeout, limit)
+                address = endpoint.address
                 if ":" in address:
                     address = f"[{address}]"
-                mesh_tls = of_pick(pick)
+                mesh_tls = of_pick(call)
                 if mesh_tls is not None:
-                    request.url = f"https://{address}:{pick.port}{tail}"
+                    request.url = f"https://{address}:{endpoint.port}{tail}"
                     setattr(request, MESH_TLS_ATTR, mesh_tls)
                     used_mesh_tls = True
-                    response = original(adapter, request, **_mesh_send_kwargs(args, send_kwargs))
+                    # verify/cert: no CA file or client certificate of the app's on the mesh connection
+                    response = original(adapter, request, stream, attempt_timeout, True, None, proxies)
                 else:
-                    request.url = f"{scheme}://{address}:{pick.port}{tail}"
+                    request.url = f"{scheme}://{address}:{endpoint.port}{tail}"
                     if tls_host is not None:
                         setattr(request, TLS_HOST_ATTR, tls_host)
-                    response = original(adapter, request, *args, **send_kwargs)
+                    response = original(adapter, request, stream, attempt_timeout, verify, cert, proxies)
                 outcome = HTTP_ANSWERS[response.status_code]
             except BaseException as exc:  # classified, reported, then re-raised below
                 error = exc
@@ -328,17 +355,6 @@ def _shape(request: Any, url: str, router: Any, call: Any, scheme: str, tail: st
     return tail, ops, saved_headers
 
 
-def _mesh_send_kwargs(args: Tuple[Any, ...], kwargs: Any) -> Any:
-    """``HTTPAdapter.send`` arguments for an mTLS attempt: the app's stream /
-    timeout / proxies, and ``verify=True, cert=None`` so requests puts no CA file
-    or client certificate of the app's on the mesh connection."""
-    merged = dict(zip(_SEND_ARGS, args))
-    merged.update(kwargs)
-    merged["verify"] = True
-    merged["cert"] = None
-    return merged
-
-
 def _bounded_timeout(app_timeout: Any, limit: float) -> Any:
     if app_timeout is None:
         return limit
@@ -384,8 +400,8 @@ _MESH_DROPPED_POOL_KWARGS = ("ca_certs", "ca_cert_dir", "ca_cert_data", "cert_fi
 
 
 def _make_pool_key(original: Any) -> Any:
-    def build_connection_pool_key_attributes(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return _pool_key(request, original(self, request, *args, **kwargs))
+    def build_connection_pool_key_attributes(self: Any, request: Any, verify: Any, cert: Any = None) -> Any:
+        return _pool_key(request, original(self, request, verify, cert))
 
     return build_connection_pool_key_attributes
 

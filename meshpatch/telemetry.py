@@ -345,6 +345,8 @@ def routed(call: Any, began: float, host: str = "") -> bool:
         call.tel_open = -1  # attempt in progress (for the span processor)
         call.tel_done = False
         call.tel_lane = None
+        if call.deadline is None:  # a Call notes its start time only when it has a deadline
+            call.started = time.monotonic() - (time.perf_counter() - began)
     tracing, metering = _providers_set()
     if metering:
         instr = _instr

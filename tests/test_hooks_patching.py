@@ -67,3 +67,46 @@ def test_an_inherited_method_is_patched_on_the_given_class_only() -> None:
     assert Child().send("r") == ("base", "r") and Base().send("s") == ("base", "s")
     assert [entry[2] for entry in log] == ["r"]
     assert "send" not in Base.__dict__ or not hasattr(Base.__dict__["send"], "__wrapped__")
+
+
+def test_requests_send_is_routed_only_under_the_signature_the_patch_mirrors() -> None:
+    """The requests patch binds send's arguments by name and passes them on
+    positionally, so it must refuse a send whose parameters it does not know."""
+    import functools
+
+    from requests import adapters
+
+    from meshpatch.hooks import requests_hook
+
+    class Adapter:
+        def send(self, request: Any, stream: Any = False, timeout: Any = None, verify: Any = True, cert: Any = None,
+                 proxies: Any = None) -> Any:
+            return request
+
+    original = Adapter.send
+
+    @functools.wraps(original)
+    def instrumented(*args: Any, **kwargs: Any) -> Any:  # another agent's generic wrapper
+        return original(*args, **kwargs)
+
+    class Wrapped:
+        send = instrumented
+
+    class Changed:
+        def send(self, request: Any, stream: Any = False, timeout: Any = 5, verify: Any = True, cert: Any = None,
+                 proxies: Any = None) -> Any:
+            return request
+
+    class Extra:
+        def send(self, request: Any, stream: Any = False, timeout: Any = None, verify: Any = True, cert: Any = None,
+                 proxies: Any = None, retries: Any = None) -> Any:
+            return request
+
+    assert requests_hook._signature(adapters.HTTPAdapter, "send") == requests_hook._SEND_SIGNATURE
+    assert (requests_hook._signature(adapters.HTTPAdapter, "build_connection_pool_key_attributes")
+            == requests_hook._POOL_KEY_SIGNATURE)
+    assert requests_hook._signature(Adapter, "send") == requests_hook._SEND_SIGNATURE
+    assert requests_hook._signature(Wrapped, "send") == requests_hook._SEND_SIGNATURE
+    assert requests_hook._signature(Changed, "send") != requests_hook._SEND_SIGNATURE  # another default
+    assert requests_hook._signature(Extra, "send") != requests_hook._SEND_SIGNATURE
+    assert requests_hook._signature(Adapter, "missing") is None

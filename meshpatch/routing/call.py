@@ -4,7 +4,7 @@ The router matches a request once and returns a :class:`Call`.  The hook then
 asks it, in Envoy's order: answer locally (direct response, redirect)?  inject a
 fault (delay, abort)?  which headers / path / host to send?  (``call.plain``
 says in one test that there is none of that) and runs the attempt loop:
-``next_pick()`` (the attempt begins) → send → ``attempt_done(outcome)`` (the
+``next_endpoint()`` (the attempt begins) → send → ``attempt_done(outcome)`` (the
 attempt is reported; a delay means retry) or ``finish(outcome)`` (the call ends
 with this attempt).  The library-specific parts (sending, building a response,
 mapping errors) stay in the hooks; every policy decision is here, so requests,
@@ -59,7 +59,7 @@ class Call:
         "request_hash", "tried", "retries", "started", "deadline", "is_grpc", "_in_retry", "attempts", "plain",
         # telemetry (meshpatch.telemetry) and lanes (meshpatch.lanes); ``tel``: an OTel
         # provider was set when the call was routed (the tel_* fields exist only then)
-        "pick", "tel", "tel_span", "tel_inner", "tel_open", "tel_done", "tel_lane",
+        "endpoint", "_state", "tel", "tel_span", "tel_inner", "tel_open", "tel_done", "tel_lane",
     )
 
     def __init__(self, scheme: str, host: str, port: int, method: str, path: str, headers: Any, authority: str,
@@ -77,15 +77,17 @@ class Call:
         self.handle = handle
         self.request_hash = request_hash
         self.is_grpc = scheme == "grpc"
-        self.tried: Any = None  # (address, port) of the first attempt; a set once retries start
+        self.tried: Any = None  # the first attempt's endpoint; a set of (address, port) once retries start
         self.retries = 0
         self.attempts = 0
         self._in_retry = False
-        self.started = time.monotonic()
-        self.pick: Optional[Pick] = None
+        #: the current attempt's endpoint (None before the first); ``pick`` describes it
+        self.endpoint: Any = None
         self.tel = False  # the router sets it (telemetry.routed), with the tel_* fields
         timeout = compiled.grpc_timeout if self.is_grpc else compiled.timeout
         if timeout > 0:
+            # ``started`` exists when a deadline or telemetry needs it (telemetry.routed)
+            self.started = time.monotonic()
             self.deadline = self.started + timeout
             self.plain = False
         else:
@@ -126,15 +128,25 @@ class Call:
 
     # -- attempts -----------------------------------------------------------
 
-    def next_pick(self, begin: bool = True) -> Pick:
+    @property
+    def pick(self) -> Optional[Pick]:
+        """The current attempt as a :class:`~meshpatch.api.Pick` (None before the
+        first): built when asked, since the hooks read the endpoint itself."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            return None
+        return Pick(endpoint.address, endpoint.port, self.authority, self.compiled.name, endpoint, self.handle)
+
+    def next_endpoint(self, begin: bool = True) -> Any:
         """Choose the next attempt's endpoint and (``begin``) count the attempt
         as started: the hook sends right after, and must end it with
-        :meth:`attempt_done` / ``Pick.finished`` even when sending fails.
-        ``begin=False`` leaves ``Pick.started`` to the caller (Router.pick)."""
+        :meth:`attempt_done` / :meth:`finish` even when sending fails.
+        ``begin=False`` leaves ``Pick.started`` to the caller (Router.pick).
+        Returns the :class:`~meshpatch.routing.model.Endpoint` (address, port)."""
         handle = self.handle
         tried = self.tried
-        if tried is not None and type(tried) is tuple:
-            tried = self.tried = {tried}
+        if tried is not None and type(tried) is not set:
+            tried = self.tried = {(tried.address, tried.port)}
         picker = handle.picker
         if picker.__class__ is LanePicker:
             lane = call_lane(self.headers)
@@ -148,39 +160,41 @@ class Call:
                 telemetry.call_ended(self, None, "no_healthy_upstream")
             raise NoHealthyUpstream(self.host, self.port, handle.name, getattr(handle.picker, "reason", ""))
         if tried is None:
-            self.tried = (endpoint.address, endpoint.port)  # a set only if a retry needs it
+            self.tried = endpoint  # made a set of keys only if a retry needs it
         else:
             tried.add((endpoint.address, endpoint.port))
         self.attempts += 1
-        pick = self.pick = Pick(endpoint.address, endpoint.port, self.authority, self.compiled.name, endpoint, handle)
+        self.endpoint = endpoint
         if begin:
-            handle.on_attempt_start(endpoint)
+            self._state = handle.attempt_began(endpoint)
         if self.tel:
             telemetry.attempt_started(self)
-        return pick
+        return endpoint
 
-    def attempt_done(self, outcome: Outcome) -> Optional[float]:
-        """The current attempt ended with ``outcome``: report it to the cluster
-        and decide about a retry -- ``pick.finished``, :meth:`attempt_finished`
-        and :meth:`retry_delay` in one step, for the hooks' attempt loops."""
-        self.pick.finished(outcome)
-        self.attempt_finished()
-        if self.tel:
-            return self.retry_delay(outcome)
-        return self._retry_delay(outcome)
+    def next_pick(self, begin: bool = True) -> Pick:
+        """:meth:`next_endpoint` as a :class:`~meshpatch.api.Pick`."""
+        self.next_endpoint(begin)
+        return self.pick  # type: ignore[return-value]
 
-    def attempt_finished(self) -> None:
-        """Hooks call this after ``Pick.finished`` for every attempt."""
+    def _ended(self, outcome: Optional[Outcome]) -> None:
+        self.handle.attempt_ended(self._state, outcome)
         if self._in_retry:
             self._in_retry = False
             self.handle.retry_finished()
+
+    def attempt_done(self, outcome: Outcome) -> Optional[float]:
+        """The current attempt ended with ``outcome``: report it to the cluster
+        and decide about a retry, for the hooks' attempt loops."""
+        self._ended(outcome)
+        if self.tel:
+            return self.retry_delay(outcome)
+        return self._retry_delay(outcome)
 
     def finish(self, outcome: Optional[Outcome]) -> None:
         """The current attempt ended with ``outcome`` and the call ends with it,
         no retry considered (streams, futures, errors the hook re-raises, an
         attempt that could not be sent)."""
-        self.pick.finished(outcome)
-        self.attempt_finished()
+        self._ended(outcome)
         if self.tel:
             telemetry.attempt_ended(self, outcome)
             telemetry.call_ended(self, outcome)

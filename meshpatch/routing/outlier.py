@@ -49,7 +49,7 @@ class EndpointState:
         "consecutive_5xx", "consecutive_gateway", "consecutive_local",
         "ok", "total", "local_ok", "local_total", "last_ok", "last_total", "last_local_ok", "last_local_total",
         "ejected_at", "ejection_reason", "backoff", "ejections", "unejected_at", "jitter",
-        "down_until", "down_backoff",
+        "down_until", "down_backoff", "gone",
     )
 
     def __init__(self, key: Key, added: float) -> None:
@@ -71,6 +71,8 @@ class EndpointState:
         # endpoint in TRANSIENT_FAILURE until this time (reconnect backoff).
         self.down_until = 0.0
         self.down_backoff = 0.0
+        #: dropped from its cluster (endpoint left EDS); set under the cluster lock
+        self.gone = False
 
     @property
     def ejected(self) -> bool:

@@ -94,30 +94,36 @@ class ClusterHandle:
         if self._registry_key is not None:
             registry.watch_host(self._registry_key[1])
 
-    # per-attempt reporting (called by hooks, from any thread)
-    def on_attempt_start(self, endpoint: Any) -> None:
+    # per-attempt reporting (called by hooks, from any thread).  A routed Call
+    # keeps the EndpointState that attempt_began returned and hands it back to
+    # attempt_ended: one (address, port) lookup per attempt instead of two.
+    def attempt_began(self, endpoint: Any) -> Optional[EndpointState]:
+        """Count an attempt to ``endpoint`` as in flight; its tracked state (None
+        when the endpoint is not one of the cluster's: a stale pick)."""
+        state = self.states.get((endpoint.address, endpoint.port))
         with self._lock:
             self.in_flight += 1
-            if endpoint is not None:
-                state = self.states.get((endpoint.address, endpoint.port))
-                if state is not None:
-                    state.active += 1
+            if state is not None:
+                state.active += 1
+        return state
 
-    def on_attempt_end(self, endpoint: Any, outcome: Any) -> None:
+    def attempt_ended(self, state: Optional[EndpointState], outcome: Any) -> None:
+        """The attempt counted by :meth:`attempt_began` (which returned ``state``)
+        ended with ``outcome`` (None: unknown, e.g. the app dropped a stream)."""
         now = time.monotonic()
         with self._lock:
             if self.in_flight > 0:
                 self.in_flight -= 1
             tracker = self.tracker
             changed = False
-            if endpoint is not None:
-                state = self.states.get((endpoint.address, endpoint.port))
-                if state is not None:
-                    if state.active > 0:
-                        state.active -= 1
-                    if tracker is not None and outcome is not None:
+            if state is not None:
+                if state.active > 0:
+                    state.active -= 1
+                # an endpoint that left the cluster meanwhile says nothing about the current set
+                if outcome is not None and not state.gone:
+                    if tracker is not None:
                         changed = tracker.on_result(state, outcome, self.states, now)
-                    if outcome is not None and _connectivity(state, outcome, now):
+                    if _connectivity(state, outcome, now):
                         changed = True
             if tracker is not None and now >= tracker.next_tick:
                 if tracker.tick(self.states, now) or changed:
@@ -126,6 +132,19 @@ class ClusterHandle:
                     self._publish_locked()  # same picker, next interval's deadline
             elif changed:
                 self._rebuild_locked(now)
+
+    def on_attempt_start(self, endpoint: Any) -> None:
+        """:meth:`attempt_began` for callers holding only the endpoint (``Pick.started``)."""
+        if endpoint is None:
+            with self._lock:
+                self.in_flight += 1
+        else:
+            self.attempt_began(endpoint)
+
+    def on_attempt_end(self, endpoint: Any, outcome: Any) -> None:
+        """:meth:`attempt_ended` for callers holding only the endpoint (``Pick.finished``)."""
+        state = self.states.get((endpoint.address, endpoint.port)) if endpoint is not None else None
+        self.attempt_ended(state, outcome)
 
     # circuit breaking (thresholds from CDS circuit_breakers); the router calls
     # admit_request before picking, the retry logic admit_retry before a retry
@@ -237,8 +256,11 @@ class ClusterHandle:
                 for endpoint in locality.endpoints:
                     key = (endpoint.address, endpoint.port)
                     states[key] = old.get(key) or EndpointState(key, now)
+        gone = [key for key in old if key not in states]
+        for key in gone:
+            old[key].gone = True  # attempts still in flight to it must not count against the new set
         if self.tracker is not None:
-            self.tracker.forget([key for key in old if key not in states])
+            self.tracker.forget(gone)
         self.states = states
         if self.tracker is None and self._outlier_source is None:
             self._configure_outlier_locked(now)

@@ -19,8 +19,10 @@ from typing import Any
 
 def of_pick(pick: Any) -> Any:
     """The :class:`~.client_tls.ClientTls` for a picked endpoint's cluster, or
-    None (plaintext).  Lives here, not in :mod:`.client_tls`, so the hooks can
-    call it directly on every attempt without importing ssl material first."""
+    None (plaintext).  ``pick``: a :class:`~meshpatch.api.Pick` or the routed
+    :class:`~meshpatch.routing.call.Call` (both carry the cluster's ``handle``).
+    Lives here, not in :mod:`.client_tls`, so the hooks can call it directly on
+    every attempt without importing ssl material first."""
     handle = pick.handle
     config = handle.config if handle is not None else None
     tls = config.tls if config is not None else None
