@@ -74,13 +74,19 @@ def main() -> None:
         "build_connection_pool_key_attributes": wrapt.FunctionWrapper(pool_key, passthrough)})
     patched = type("Patched", (plain,), {})
 
-    def passthrough_method(original: Any) -> Any:
-        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return original(self, *args, **kwargs)
+    def passthrough_send(original: Any) -> Any:  # requests' parameters, as requests_hook patches them
+        def method(self: Any, request: Any, stream: Any = False, timeout: Any = None, verify: Any = True,
+                   cert: Any = None, proxies: Any = None) -> Any:
+            return original(self, request, stream, timeout, verify, cert, proxies)
         return method
 
-    patch_request_method(patched, "send", passthrough_method)
-    patch_request_method(patched, "build_connection_pool_key_attributes", passthrough_method)
+    def passthrough_pool_key(original: Any) -> Any:
+        def method(self: Any, request: Any, verify: Any, cert: Any = None) -> Any:
+            return original(self, request, verify, cert)
+        return method
+
+    patch_request_method(patched, "send", passthrough_send)
+    patch_request_method(patched, "build_connection_pool_key_attributes", passthrough_pool_key)
     sessions = {"plain": [session(plain) for _ in range(CLIENTS)], "wrapt": [session(wrapped) for _ in range(CLIENTS)],
                 "patch": [session(patched) for _ in range(CLIENTS)], "routed": [session() for _ in range(CLIENTS)]}
     sessions["routed"][0].get(routed)  # the first routed call waits for xDS

@@ -100,8 +100,9 @@ def patch(module: Any) -> str:
 
 
 def _split_head(head: str, scheme_end: int) -> Any:
-    """``scheme://[user@]host[:port]`` → (scheme, host, port) without urlparse;
-    False for what is never routed (other schemes, IPv6 literals, no host)."""
+    """``scheme://[user@]host[:port]`` → (scheme, host, port, Host header value)
+    without urlparse; False for what is never routed (other schemes, IPv6
+    literals, no host)."""
     scheme = head[:scheme_end].lower()
     if scheme not in _DEFAULT_PORTS:
         return False
@@ -122,7 +123,7 @@ def _split_head(head: str, scheme_end: int) -> Any:
         port = None
     if not host:
         return False
-    return scheme, host, port
+    return scheme, host, port, host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
 
 
 #: URL head (everything before the path) → _split_head's answer.  An app calls a
@@ -204,10 +205,11 @@ def _routed_send(original: Any, adapter: Any, request: Any, stream: Any, timeout
                 _HEADS.clear()
             _HEADS[head] = parts
         if parts:
-            scheme, host, port = parts
+            scheme, host, port, host_header = parts
             agent = current_agent()
             if agent is not None and (scheme != "https" or _TLS_SUPPORTED):
-                path = url[path_start:] or "/"
+                tail = url[path_start:]
+                path = tail or "/"
                 fragment = path.find("#")
                 if fragment >= 0:
                     path = path[:fragment]
@@ -231,7 +233,6 @@ def _routed_send(original: Any, adapter: Any, request: Any, stream: Any, timeout
             return _local_response(request, url, policy.redirect.code, b"", {"location": call.redirect_location()})
     headers = request.headers
     saved_headers = ops = None
-    tail = url[path_start:]
     if not call.plain:  # fault, header ops, rewrite, mirrors (RoutePolicy.plain)
         shaped = _shape(request, url, router, call, scheme, tail)
         if shaped.__class__ is not tuple:
@@ -249,7 +250,7 @@ def _routed_send(original: Any, adapter: Any, request: Any, stream: Any, timeout
         previous_host = headers.get("Host")
     add_host = previous_host is None or policy.host_rewrite is not None
     if add_host:
-        value = policy.host_rewrite or (host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}")
+        value = policy.host_rewrite or host_header
         if store is not None:
             store["host"] = ("Host", value)
         else:

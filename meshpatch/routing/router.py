@@ -232,23 +232,24 @@ class Router:
             if candidates is None:
                 candidates = table.candidates(match_path)
             for route in candidates:
-                if route.headers:
-                    if lookup is None:
-                        lookup = _RequestHeaders(headers, scheme, method, match_path, target.authority)
-                    if scheme == "grpc":
-                        if not all(m.matches_grpc(lookup.get(m.name)) for m in route.headers):
+                if route.conditional:
+                    if route.headers:
+                        if lookup is None:
+                            lookup = _RequestHeaders(headers, scheme, method, match_path, target.authority)
+                        if scheme == "grpc":
+                            if not all(m.matches_grpc(lookup.get(m.name)) for m in route.headers):
+                                continue
+                        elif not all(m.matches(lookup.get(m.name)) for m in route.headers):
                             continue
-                    elif not all(m.matches(lookup.get(m.name)) for m in route.headers):
+                    if route.query:
+                        if scheme == "grpc":
+                            continue  # gRPC (A28): routes with query matchers never match
+                        if query is None:
+                            query = _query_params(path)
+                        if not all(q.matches(query.get(q.name, ())) for q in route.query):
+                            continue
+                    if route.fraction is not None and random.random() >= route.fraction:
                         continue
-                if route.query:
-                    if scheme == "grpc":
-                        continue  # gRPC (A28): routes with query matchers never match
-                    if query is None:
-                        query = _query_params(path)
-                    if not all(q.matches(query.get(q.name, ())) for q in route.query):
-                        continue
-                if route.fraction is not None and random.random() >= route.fraction:
-                    continue
                 chooser = route.chooser
                 if chooser is None:
                     if route.action.kind in ("redirect", "direct") and scheme != "grpc":

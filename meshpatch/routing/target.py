@@ -479,8 +479,8 @@ class CompiledRoute:
     in one object (a call that reads one object instead of the Route, its
     action and its policy touches fewer cache lines)."""
 
-    __slots__ = ("name", "path", "headers", "query", "fraction", "chooser", "action", "hash_policies", "route",
-                 "policy", "timeout", "grpc_timeout", "plain")
+    __slots__ = ("name", "path", "headers", "query", "fraction", "conditional", "chooser", "action", "hash_policies",
+                 "route", "policy", "timeout", "grpc_timeout", "plain")
 
     def __init__(self, route: Route, chooser: Optional[ClusterChooser]) -> None:
         self.name = route.name
@@ -488,6 +488,8 @@ class CompiledRoute:
         self.headers = route.match.headers
         self.query = route.policy.query
         self.fraction = route.match.fraction
+        #: header, query or runtime-fraction conditions beyond the path (one test per route when none)
+        self.conditional = bool(self.headers or self.query or self.fraction is not None)
         self.chooser = chooser
         action = self.action = route.action
         self.hash_policies = route.policy.hash_policies
