@@ -93,6 +93,9 @@ class OutlierTracker:
         self._rng = rng
         self.ejection_count = 0  # enforced ejections since creation (tests, telemetry)
         self.overflow_count = 0  # ejections refused by max_ejection_percent
+        #: False for a connect-failure-only detector: a success then only ends a
+        #: run of local failures, so the cluster need not report the others
+        self.counts_successes = not config.connect_failures_only
 
     # -- results ---------------------------------------------------------------
 

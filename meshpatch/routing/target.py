@@ -121,10 +121,14 @@ class ClusterHandle:
                     state.active -= 1
                 # an endpoint that left the cluster meanwhile says nothing about the current set
                 if outcome is not None and not state.gone:
-                    if tracker is not None:
+                    if outcome.kind != OK or state.down_until or state.consecutive_local:
+                        if tracker is not None:
+                            changed = tracker.on_result(state, outcome, self.states, now)
+                        if _connectivity(state, outcome, now):
+                            changed = True
+                    elif tracker is not None and tracker.counts_successes:
+                        # a success from an endpoint that was up: only a detector that counts them cares
                         changed = tracker.on_result(state, outcome, self.states, now)
-                    if _connectivity(state, outcome, now):
-                        changed = True
             if tracker is not None and now >= tracker.next_tick:
                 if tracker.tick(self.states, now) or changed:
                     self._rebuild_locked(now)
