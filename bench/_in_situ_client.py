@@ -13,7 +13,10 @@ one piece of meshpatch's work:
   pick, attempt accounting, retry decision);
 * ``hook``:    the requests hook's wrapper around a no-op send (router + URL /
   Host rewriting and restoring);
-* ``routed``:  no extra work, but the real routed call (patched adapter).
+* ``routed``:  no extra work, but the real routed call (patched adapter);
+* ``loop``:    calibration, no meshpatch code: an empty 50-iteration loop
+  (≈ 150 bytecodes touching no object), the in-situ price of merely
+  interpreting that many instructions between two real calls.
 
 Per round every mode runs one short batch in shuffled order; the figure is the
 median over rounds of (mode's batch median CPU − baseline's), so machine
@@ -111,6 +114,10 @@ def main() -> None:
     def hook_work() -> None:
         routed_no_op(no_op_adapter, prepared, timeout=5)
 
+    def loop_work() -> None:
+        for _ in range(50):
+            pass
+
     def mode(kind: str, work: Callable[[], None] = None) -> Callable[[], None]:
         turn = itertools.cycle(sessions["plain" if work is not None or kind == "baseline" else kind])
         url = routed if kind == "routed" else by_name
@@ -123,7 +130,7 @@ def main() -> None:
         return call
 
     modes = {"baseline": mode("baseline"), "wrapt": mode("wrapt"), "patch": mode("patch"), "router": mode("router", router_work),
-             "hook": mode("hook", hook_work), "routed": mode("routed")}
+             "hook": mode("hook", hook_work), "routed": mode("routed"), "loop": mode("loop", loop_work)}
     for call in modes.values():
         batch(call, 200, [], [])
     added: Dict[str, List[float]] = {m: [] for m in modes if m != "baseline"}
