@@ -381,7 +381,7 @@ def rejected(error: Exception) -> None:
 
 
 def attempt_started(call: Any) -> None:
-    """``call.pick`` is about to be sent (from ``Call.next_pick``)."""
+    """The call's next attempt (``call.endpoint``) is about to be sent (from ``Call.next_endpoint``)."""
     if not _tracing and (_FAST and _otel_trace._TRACER_PROVIDER is None or not _providers_set()[0]):
         return
     try:
