@@ -165,8 +165,8 @@ class Call:
             tried.add((endpoint.address, endpoint.port))
         self.attempts += 1
         self.endpoint = endpoint
-        if begin:
-            self._state = handle.attempt_began(endpoint)
+        # the endpoint's tracked state, handed back when the attempt ends (None: not begun here)
+        self._state = handle.attempt_began(endpoint) if begin else None
         if self.tel:
             telemetry.attempt_started(self)
         return endpoint

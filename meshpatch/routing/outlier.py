@@ -100,7 +100,11 @@ class OutlierTracker:
     # -- results ---------------------------------------------------------------
 
     def on_result(self, state: EndpointState, outcome: Any, states: Dict[Key, EndpointState], now: float) -> bool:
-        """Account one finished attempt; True if the endpoint was ejected."""
+        """Account one finished attempt; True if the endpoint was ejected.
+
+        ClusterHandle.attempt_ended relies on this for a detector that does not
+        ``counts_successes``: an OK outcome then only resets ``consecutive_local``,
+        so it reports successes only while that count is not zero."""
         kind = outcome.kind
         if kind in (CANCELLED, LOCAL):
             return False  # the app gave up / we failed before sending: says nothing about the endpoint
