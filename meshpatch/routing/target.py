@@ -99,8 +99,8 @@ class ClusterHandle:
     # attempt_ended: one (address, port) lookup per attempt instead of two.
     def attempt_began(self, endpoint: Any) -> Optional[EndpointState]:
         """Count an attempt to ``endpoint`` as in flight; its tracked state (None
-        when the endpoint is not one of the cluster's: a stale pick)."""
-        state = self.states.get((endpoint.address, endpoint.port))
+        when the endpoint is not one of the cluster's: a stale pick, or none)."""
+        state = self.states.get((endpoint.address, endpoint.port)) if endpoint is not None else None
         with self._lock:
             self.in_flight += 1
             if state is not None:
@@ -139,11 +139,7 @@ class ClusterHandle:
 
     def on_attempt_start(self, endpoint: Any) -> None:
         """:meth:`attempt_began` for callers holding only the endpoint (``Pick.started``)."""
-        if endpoint is None:
-            with self._lock:
-                self.in_flight += 1
-        else:
-            self.attempt_began(endpoint)
+        self.attempt_began(endpoint)
 
     def on_attempt_end(self, endpoint: Any, outcome: Any) -> None:
         """:meth:`attempt_ended` for callers holding only the endpoint (``Pick.finished``)."""
