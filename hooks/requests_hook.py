@@ -26,7 +26,7 @@ they were about the app's own (plain) URL, not the mesh's identities.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import time as _time
 
