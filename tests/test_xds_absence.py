@@ -16,7 +16,7 @@ routed).
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator
 
 import pytest
 
@@ -30,7 +30,7 @@ from meshpatch.xds.transport import Backoff, GrpcAdsTransport
 from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS
 from tests.support import xds_resources as res
 from tests.support.controlplane import control_plane
-from tests.support.scripted_ads import ScriptedAds
+from tests.support.scripted_ads import RecordingWatcher, ScriptedAds
 
 FQDN = "echo.default.svc.cluster.local"
 RDS_NAME = f"outbound|7070||{FQDN}"
@@ -51,20 +51,6 @@ def test_unknown_hosts_one_after_another_are_answered_promptly() -> None:
                 assert time.monotonic() - started < 2.0, f"{host} waited for the resolve timeout"
         finally:
             agent.stop()
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.events: List[Tuple[str, str]] = []
-
-    def on_resource(self, type_url: str, name: str, value: Any) -> None:
-        self.events.append(("resource", name))
-
-    def on_does_not_exist(self, type_url: str, name: str) -> None:
-        self.events.append(("missing", name))
-
-    def on_error(self, type_url: str, name: str, reason: str) -> None:
-        self.events.append(("error", name))
 
 
 @pytest.fixture()
@@ -89,7 +75,7 @@ def _acked(ads: ScriptedAds, nonce: str, after: int = 0) -> Any:
     return ads.wait_request(CDS, lambda r: r.response_nonce == nonce and not r.HasField("error_detail"), after=after)
 
 
-def _v1_acked(client: XdsClient, ads: ScriptedAds, recorder: "_Recorder") -> str:
+def _v1_acked(client: XdsClient, ads: ScriptedAds, recorder: RecordingWatcher) -> str:
     """Subscribe CDS [v1], answer it, wait for the ACK; the response's nonce."""
     with client.lock:
         client.watch(CDS, V1, recorder)
@@ -104,7 +90,7 @@ def test_push_crossing_a_subscription_change_is_not_a_deletion(ads: ScriptedAds)
     built for [v1] arrives after the [v2] request.  v2 is not declared absent;
     the server's answer to the ACK (which names v2) brings it."""
     client = _client(ads, settle=30.0)  # a wrong "absent" could only come from the response itself
-    recorder = _Recorder()
+    recorder = RecordingWatcher()
     client.start()
     try:
         n1 = _v1_acked(client, ads, recorder)
@@ -132,7 +118,7 @@ def test_name_missing_after_a_crossing_push_is_absent_once_the_ack_stays_unanswe
     to the ACK lacks it too, and then the server is silent: v2 is absent after the
     settle time, and a name the client had received is deleted at once."""
     client = _client(ads, settle=0.3)
-    recorder = _Recorder()
+    recorder = RecordingWatcher()
     client.start()
     try:
         n1 = _v1_acked(client, ads, recorder)
@@ -163,7 +149,7 @@ def test_first_response_on_a_stream_settles_the_initial_names_at_once(ads: Scrip
     it: what it lacks of that request is absent without waiting (also after a
     reconnect, when the initial request re-sends every cached subscription)."""
     client = _client(ads, settle=30.0)
-    recorder = _Recorder()
+    recorder = RecordingWatcher()
     client.start()
     try:
         with client.lock:
@@ -248,7 +234,7 @@ def test_listener_absence_settles_fast_and_a_wrong_one_heals(ads: ScriptedAds) -
     before the CDS settle; if that response was a crossing push after all, the
     server's answer to the ACK brings the listener and the watcher gets it."""
     client = _client(ads, settle=5.0)  # the CDS settle; LDS uses the short one
-    recorder = _Recorder()
+    recorder = RecordingWatcher()
     client.start()
     try:
         with client.lock:

@@ -17,7 +17,7 @@ from meshpatch.xds.client import ACKED, DOES_NOT_EXIST, NACKED, XdsClient
 from meshpatch.xds.transport import Backoff, GrpcAdsTransport
 from meshpatch.xds.type_urls import CDS, EDS, LDS, RDS
 from tests.support import xds_resources as res
-from tests.support.scripted_ads import ScriptedAds
+from tests.support.scripted_ads import RecordingWatcher, ScriptedAds
 
 FQDN = "echo.default.svc.cluster.local"
 RDS_NAME = f"outbound|7070||{FQDN}"
@@ -201,20 +201,6 @@ def test_cluster_deleted_means_no_healthy_upstream(ads: ScriptedAds, mesh: Mesh)
         pytest.fail("new endpoints never reached the picker")
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.events: list = []
-
-    def on_resource(self, type_url: str, name: str, value: object) -> None:
-        self.events.append(("resource", name))
-
-    def on_does_not_exist(self, type_url: str, name: str) -> None:
-        self.events.append(("missing", name))
-
-    def on_error(self, type_url: str, name: str, reason: str) -> None:
-        self.events.append(("error", name))
-
-
 def test_absence_counts_only_for_names_the_server_had_seen(ads: ScriptedAds, mesh: Mesh) -> None:
     """A response built before the server saw a newly added name must not delete
     that name (the CDS race when a route's clusters are subscribed one by one).
@@ -222,7 +208,7 @@ def test_absence_counts_only_for_names_the_server_had_seen(ads: ScriptedAds, mes
     A later response without the name is not proof either (it may be a push that
     crossed the ACK): the name is absent once the server leaves that response's
     ACK unanswered for the settle time."""
-    recorder = _Recorder()
+    recorder = RecordingWatcher()
     mesh.client.absence_settle = 0.5
     mesh.client.start()
     with mesh.client.lock:

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from concurrent import futures
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -143,3 +143,20 @@ class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
         self.wait_for(check, timeout)
         return found[0]
+
+
+class RecordingWatcher:
+    """An xDS client watcher that only records what it was told, as
+    ``(event, resource name)`` with event ``resource`` / ``missing`` / ``error``."""
+
+    def __init__(self) -> None:
+        self.events: List[Tuple[str, str]] = []
+
+    def on_resource(self, type_url: str, name: str, value: Any) -> None:
+        self.events.append(("resource", name))
+
+    def on_does_not_exist(self, type_url: str, name: str) -> None:
+        self.events.append(("missing", name))
+
+    def on_error(self, type_url: str, name: str, reason: str) -> None:
+        self.events.append(("error", name))
